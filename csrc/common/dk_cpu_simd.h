@@ -1,0 +1,89 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions at the width of the ISA the file is compiled
+// for (setup.py compiles for the host CPU unless DINOKERNELS_CPU_ARCH says otherwise), plus reductions with
+// several independent accumulators. Without -ffast-math the compiler must keep a float sum in source order,
+// i.e. one add per 4 cycles; these helpers fix a different, still deterministic, order that vectorises.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace dk {
+namespace cpu {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVecBytes)));
+  static constexpr int kLanes = kVecBytes / int(sizeof(T));
+
+  static inline vec load(const T* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(vec));
+    return v;
+  }
+  static inline void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  static inline vec splat(T value) { return vec{} + value; }
+  static inline T sum(vec v) {
+    T s = T(0);
+    for (int l = 0; l < kLanes; ++l) s += v[l];
+    return s;
+  }
+};
+
+// Bit l set when a[l] >= b[l] (false for NaN). The generic loop compiles to lane extracts, hence intrinsics.
+inline uint32_t ge_mask(Simd<float>::vec a, Simd<float>::vec b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(__m512(a), __m512(b), _CMP_GE_OQ);
+#elif defined(__AVX__)
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(__m256(a), __m256(b), _CMP_GE_OQ)));
+#else
+  uint32_t m = 0;
+  for (int l = 0; l < Simd<float>::kLanes; ++l) m |= uint32_t(a[l] >= b[l]) << l;
+  return m;
+#endif
+}
+
+inline uint32_t ge_mask(Simd<double>::vec a, Simd<double>::vec b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_pd_mask(__m512d(a), __m512d(b), _CMP_GE_OQ);
+#elif defined(__AVX__)
+  return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(__m256d(a), __m256d(b), _CMP_GE_OQ)));
+#else
+  uint32_t m = 0;
+  for (int l = 0; l < Simd<double>::kLanes; ++l) m |= uint32_t(a[l] >= b[l]) << l;
+  return m;
+#endif
+}
+
+// Σ_i a[i] * b[i].
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using S = Simd<T>;
+  constexpr int L = S::kLanes;
+  typename S::vec acc0{}, acc1{}, acc2{}, acc3{};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    acc0 += S::load(a + i) * S::load(b + i);
+    acc1 += S::load(a + i + L) * S::load(b + i + L);
+    acc2 += S::load(a + i + 2 * L) * S::load(b + i + 2 * L);
+    acc3 += S::load(a + i + 3 * L) * S::load(b + i + 3 * L);
+  }
+  for (; i + L <= n; i += L) acc0 += S::load(a + i) * S::load(b + i);
+  T total = S::sum((acc0 + acc1) + (acc2 + acc3));
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+}  // namespace cpu
+}  // namespace dk
