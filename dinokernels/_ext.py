@@ -1,0 +1,64 @@
+"""The only importer of the compiled module ``dinokernels._C``; remembers why loading failed.
+
+Nothing here imports torch, so ``import dinokernels._ext`` works anywhere.
+"""
+from ._version import __version__
+
+
+class KernelUnavailableError(RuntimeError):
+    """A compiled kernel was required (DINOKERNELS_BACKEND=kernel) but is not available."""
+
+
+try:
+    from . import _C  # noqa: F401
+except Exception as exc:  # ImportError, OSError from a broken .so, ...: all mean "no kernels"
+    _C = None
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _LOAD_ERROR = None
+    if getattr(_C, "__version__", None) != __version__:
+        # A stale module (e.g. an old in-tree build) may have other entry-point contracts: never call it.
+        _LOAD_ERROR = (f"stale compiled module {_C.__file__}: version {getattr(_C, '__version__', '?')}, "
+                       f"package {__version__}; rebuild with `pip install .`")
+        _C = None
+
+if _C is not None:
+    CudaError = _C.CudaError
+else:
+    class CudaError(RuntimeError):
+        """Raised by CUDA entry points (here: the compiled module is missing)."""
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def load_error():
+    """Why ``_C`` did not load, or None."""
+    return _LOAD_ERROR
+
+
+def module():
+    """The compiled module; raises KernelUnavailableError when it did not load."""
+    if _C is None:
+        raise KernelUnavailableError(f"the compiled module dinokernels._C is not available ({_LOAD_ERROR})")
+    return _C
+
+
+def cuda_compiled() -> bool:
+    return _C is not None and bool(_C.build_info()["cuda_compiled"])
+
+
+def kernel(name: str, device_type: str):
+    """``_C.<name>_<device_type>``, e.g. kernel("koleo_forward", "cpu")."""
+    if _C is None:
+        raise KernelUnavailableError(
+            f"dinokernels.{name}: the compiled module dinokernels._C is not available ({_LOAD_ERROR})")
+    if device_type == "cuda" and not cuda_compiled():
+        raise KernelUnavailableError(
+            f"dinokernels.{name}: this build of dinokernels has no CUDA kernels (nvcc was not found at build "
+            f"time, or DINOKERNELS_CUDA=0); reinstall on a machine with nvcc")
+    fn = getattr(_C, f"{name}_{device_type}", None)
+    if fn is None:
+        raise KernelUnavailableError(f"dinokernels.{name}: no {device_type} kernel")
+    return fn

@@ -1,0 +1,102 @@
+"""What every op shares: argument checks with uniform messages, backend choice, and the plumbing that turns
+tensors into the raw pointers, dtype codes, thread counts and streams the compiled entry points take."""
+import math
+import warnings
+
+import torch
+
+from .. import _config, _ext
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class FallbackWarning(UserWarning):
+    """An op ran its pure-PyTorch reference because the compiled kernel is unavailable."""
+
+
+def arg_error(op: str, arg: str, what: str, kind=ValueError):
+    """The message format shared with the C++ checks: dinokernels.<op>: argument '<arg>' <what>."""
+    return kind(f"dinokernels.{op}: argument '{arg}' {what}")
+
+
+def check_tensor(op: str, arg: str, t, ndim: int, shape_doc: str):
+    if not isinstance(t, torch.Tensor):
+        raise arg_error(op, arg, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if t.dim() != ndim:
+        raise arg_error(op, arg, f"must be {ndim}-D {shape_doc}, got shape {tuple(t.shape)}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise arg_error(op, arg, f"must be on a CPU or CUDA device, got {t.device}")
+    if not t.is_floating_point():
+        raise arg_error(op, arg, f"must have a floating-point dtype, got {t.dtype}", TypeError)
+
+
+def check_kernel_dtype(op: str, arg: str, t: torch.Tensor):
+    allowed = CPU_DTYPES if t.device.type == "cpu" else CUDA_DTYPES
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise arg_error(op, arg, f"has dtype {str(t.dtype).replace('torch.', '')}, the {t.device.type} kernel "
+                                 f"takes {names}", TypeError)
+
+
+def check_contiguous(op: str, arg: str, t: torch.Tensor):
+    if not t.is_contiguous():
+        raise arg_error(op, arg, "must be contiguous (the public dinokernels.ops functions make it so)")
+
+
+def check_positive_float(op: str, arg: str, value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise arg_error(op, arg, f"must be a positive finite number, got {value!r}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_warned = set()
+
+
+def use_reference(op: str, device: torch.device) -> bool:
+    """True when `op` must run its reference: backend 'reference', or 'auto' with no kernel for the device."""
+    backend = _config.get_backend()
+    if backend == "reference":
+        return True
+    try:
+        _ext.kernel(op, device.type)
+        return False
+    except _ext.KernelUnavailableError as exc:
+        if backend == "kernel":
+            raise
+        key = (op, device.type)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"{exc}; using the pure-PyTorch reference instead (set DINOKERNELS_BACKEND=kernel to "
+                          f"make this an error)", FallbackWarning, stacklevel=3)
+        return True
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _ext.module().dtype_codes[str(dtype).replace("torch.", "")]
+
+
+def cpu_threads() -> int:
+    """Kernels use as many threads as torch does, so torch.set_num_threads governs both."""
+    return torch.get_num_threads()
+
+
+def cuda_device_and_stream(t: torch.Tensor):
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Scratch for a kernel, from torch's allocator (so it shows in memory statistics); 64-byte aligned on CPU,
+    512 on CUDA."""
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
+def raise_if_nonfinite(op: str, arg: str, count: int):
+    if count:
+        raise arg_error(op, arg, f"contains {count} non-finite value(s) (NaN or inf)")
