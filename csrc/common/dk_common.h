@@ -83,6 +83,14 @@ inline void check_dtype(int code, bool allowed, const char* op, const char* arg)
   DK_CHECK_ARG(allowed, op, arg, "has unsupported dtype ", dtype_name(code), " (code ", code, ")");
 }
 
+// Scratch allocated by the caller: present, large enough, aligned.
+inline void check_workspace(std::uintptr_t workspace, int64_t bytes, int64_t needed, int64_t alignment,
+                            const char* op) {
+  DK_CHECK_ARG(workspace != 0 || needed == 0, op, "workspace", "is a null pointer");
+  DK_CHECK_ARG(bytes >= needed, op, "workspace", "holds ", bytes, " bytes, needs ", needed);
+  DK_CHECK_ARG(workspace % alignment == 0, op, "workspace", "must be ", alignment, "-byte aligned");
+}
+
 // The stream and pointers arrive as Python integers.
 template <typename T>
 inline T* as_ptr(std::uintptr_t address) {

@@ -179,10 +179,12 @@ int64_t count_nonfinite_serial(const T* row, int64_t count) {
   return bad;
 }
 
-// Packs rows [0, rows) of src (rows × dim) into panels; padding rows are zero. Returns the number of non-finite
+// Packs rows [0, rows) of src (rows × dim) into panels; padding rows are zero. With `norms`, rows are normalised
+// on the way: norms[i] = max(||x_i||, eps), panel row x_i * (1 / norms[i]). Returns the number of non-finite
 // entries of src.
 template <typename T>
-int64_t pack_panels(const T* src, int64_t rows, int64_t dim, T* packed, int num_threads) {
+int64_t pack_panels(const T* src, int64_t rows, int64_t dim, T* packed, int num_threads, T* norms = nullptr,
+                    T eps = T(0)) {
   constexpr int W = Tiling<T>::kWidth;
   const int64_t n_panels = padded_rows<T>(rows) / W;
   int64_t nonfinite = 0;
@@ -196,9 +198,15 @@ int64_t pack_panels(const T* src, int64_t rows, int64_t dim, T* packed, int num_
         continue;
       }
       const T* row = src + i * dim;
-      for (int64_t k = 0; k < dim; ++k) panel[k * W + r] = row[k];
-      if (!std::isfinite(cpu::dot(row, row, dim)))  // cheap test first; exact count only when it fails
+      const T sum_sq = cpu::dot(row, row, dim);
+      if (!std::isfinite(sum_sq))  // cheap test first; it also trips on overflow, so count exactly
         nonfinite += count_nonfinite_serial(row, dim);
+      T scale = T(1);
+      if (norms) {
+        norms[i] = std::max(std::sqrt(sum_sq), eps);
+        scale = T(1) / norms[i];
+      }
+      for (int64_t k = 0; k < dim; ++k) panel[k * W + r] = row[k] * scale;
     }
   }
   return nonfinite;
@@ -288,44 +296,10 @@ void search_general(const T* x, int64_t n, const T* packed, int64_t m, int64_t d
   repair_missing(n, m, exclude_self, out_idx);
 }
 
-void check_workspace(std::uintptr_t workspace, int64_t bytes, int64_t needed, const char* op) {
-  DK_CHECK_ARG(workspace != 0 || needed == 0, op, "workspace", "is a null pointer");
-  DK_CHECK_ARG(bytes >= needed, op, "workspace", "holds ", bytes, " bytes, needs ", needed);
-  DK_CHECK_ARG(workspace % 64 == 0, op, "workspace", "must be 64-byte aligned");
-}
-
-// Norms and packing in one pass over x: norms[i] = max(||x_i||, eps), panel rows x_i * (1 / norms[i]).
-// Returns the number of non-finite entries of x.
-template <typename T>
-int64_t normalize_and_pack(const T* x, int64_t n, int64_t dim, T eps, T* norms, T* packed, int num_threads) {
-  constexpr int W = Tiling<T>::kWidth;
-  const int64_t n_panels = padded_rows<T>(n) / W;
-  int64_t nonfinite = 0;
-#pragma omp parallel for schedule(static) num_threads(num_threads) reduction(+ : nonfinite)
-  for (int64_t p = 0; p < n_panels; ++p) {
-    T* panel = packed + p * W * dim;
-    for (int r = 0; r < W; ++r) {
-      const int64_t i = p * W + r;
-      if (i >= n) {
-        for (int64_t k = 0; k < dim; ++k) panel[k * W + r] = T(0);
-        continue;
-      }
-      const T* row = x + i * dim;
-      const T sum_sq = cpu::dot(row, row, dim);
-      if (!std::isfinite(sum_sq))  // also overflow of a finite row: count what is really non-finite
-        nonfinite += count_nonfinite_serial(row, dim);
-      norms[i] = std::max(std::sqrt(sum_sq), eps);
-      const T inv = T(1) / norms[i];
-      for (int64_t k = 0; k < dim; ++k) panel[k * W + r] = row[k] * inv;
-    }
-  }
-  return nonfinite;
-}
-
 template <typename T>
 int64_t koleo_forward_impl(const T* x, int64_t n, int64_t dim, T eps, T* loss, int64_t* nn_index, T* norms,
                            T* dists, T* packed, int num_threads) {
-  const int64_t nonfinite = normalize_and_pack<T>(x, n, dim, eps, norms, packed, num_threads);
+  const int64_t nonfinite = pack_panels<T>(x, n, dim, packed, num_threads, norms, eps);
   if (nonfinite > 0) {
     *loss = std::numeric_limits<T>::quiet_NaN();
     for (int64_t i = 0; i < n; ++i) {
@@ -437,7 +411,7 @@ int64_t koleo_forward_cpu(std::uintptr_t x, int dtype, int64_t n, int64_t dim, d
   int64_t nonfinite = 0;
   dispatch_cpu_float_types(dtype, op, [&](auto zero) {
     using T = decltype(zero);
-    check_workspace(workspace, workspace_bytes, padded_rows<T>(n) * dim * int64_t(sizeof(T)), op);
+    check_workspace(workspace, workspace_bytes, padded_rows<T>(n) * dim * int64_t(sizeof(T)), 64, op);
     nonfinite = koleo_forward_impl<T>(as_ptr<const T>(x), n, dim, T(eps), as_ptr<T>(loss), as_ptr<int64_t>(nn_index),
                                       as_ptr<T>(norms), as_ptr<T>(dists), as_ptr<T>(workspace),
                                       resolve_threads(num_threads));
@@ -482,7 +456,7 @@ int64_t nearest_neighbors_cpu(std::uintptr_t x, std::uintptr_t y, int dtype, int
   int64_t nonfinite = 0;
   dispatch_cpu_float_types(dtype, op, [&](auto zero) {
     using T = decltype(zero);
-    check_workspace(workspace, workspace_bytes, padded_rows<T>(m) * dim * int64_t(sizeof(T)), op);
+    check_workspace(workspace, workspace_bytes, padded_rows<T>(m) * dim * int64_t(sizeof(T)), 64, op);
     const T *xs = as_ptr<const T>(x), *ys = as_ptr<const T>(y);
     T* packed = as_ptr<T>(workspace);
     nonfinite = pack_panels<T>(ys, m, dim, packed, threads);

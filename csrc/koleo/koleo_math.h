@@ -34,10 +34,11 @@ DK_HOST_DEVICE DK_INLINE S koleo_term(S dist, S eps) {
 }
 
 // For L = grad_loss * mean_i -log(d_i + eps): dL/dv_i = coef_i * v_i with v_i = x̂_i - x̂_nn(i) + 1e-8,
-// coef_i = dL/dd_i / d_i; 0 when d_i == 0, as torch's norm backward.
+// coef_i = dL/dd_i / d_i; 0 when d_i == 0, as torch's norm backward. A NaN distance (non-finite input with the
+// finite check off) stays NaN, so the gradient never looks clean.
 template <typename S>
 DK_HOST_DEVICE DK_INLINE S koleo_diff_coef(S grad_loss, S dist, S eps, int64_t n) {
-  if (!(dist > S(0))) return S(0);
+  if (dist == S(0)) return S(0);
   return -grad_loss / (S(n) * (dist + eps) * dist);
 }
 
