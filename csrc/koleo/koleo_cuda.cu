@@ -246,6 +246,10 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const T* xk = x + k * dim;
   {
     const int64_t j = nn_index[k];
+    if (j < 0 || j >= n) {  // the kernel does not trust the index: a bad one poisons the row, never reads out of bounds
+      for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) grad_x[k * dim + d] = from_float<T>(NAN);
+      return;  // uniform across the block: no barrier has been reached yet
+    }
     const float inv_j = 1.f / norms[j];
     const float coef = koleo_diff_coef<float>(g, dists[k], eps, n);
     for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
@@ -299,12 +303,6 @@ void check_common(const char* op, int64_t n, int64_t dim, double eps) {
   DK_CHECK_ARG(eps > 0 && eps < 1e30, op, "eps", "must be positive and finite, got ", eps);
 }
 
-void check_workspace(std::uintptr_t workspace, int64_t bytes, int64_t needed, const char* op) {
-  DK_CHECK_ARG(workspace != 0, op, "workspace", "is a null pointer");
-  DK_CHECK_ARG(bytes >= needed, op, "workspace", "holds ", bytes, " bytes, needs ", needed);
-  DK_CHECK_ARG(workspace % 256 == 0, op, "workspace", "must be 256-byte aligned");
-}
-
 int64_t koleo_workspace_bytes(int64_t n, int64_t dim, int sm_count) {
   return align256(n * dim * int64_t(sizeof(float))) + search_workspace_bytes(n, plan_search(n, n, sm_count));
 }
@@ -336,7 +334,7 @@ void koleo_forward_cuda(std::uintptr_t x, int dtype, int64_t n, int64_t dim, dou
                            {dists, "dists"}, {nonfinite, "nonfinite"}})
     check_pointer(as_ptr<void>(ptr), op, name);
   const int sm_count = cuda::multiprocessor_count(op, device_index);
-  check_workspace(workspace, workspace_bytes, koleo_workspace_bytes(n, dim, sm_count), op);
+  check_workspace(workspace, workspace_bytes, koleo_workspace_bytes(n, dim, sm_count), 256, op);
   const cudaStream_t s = cuda::as_stream(stream);
   char* ws = as_ptr<char>(workspace);
   float* unit = reinterpret_cast<float*>(ws);
@@ -395,7 +393,7 @@ void nearest_neighbors_cuda(std::uintptr_t x, std::uintptr_t y, int dtype, int64
                            {nonfinite, "nonfinite"}})
     check_pointer(as_ptr<void>(ptr), op, name);
   const SearchPlan plan = plan_search(n, m, cuda::multiprocessor_count(op, device_index));
-  check_workspace(workspace, workspace_bytes, search_workspace_bytes(n, plan), op);
+  check_workspace(workspace, workspace_bytes, search_workspace_bytes(n, plan), 256, op);
   const cudaStream_t s = cuda::as_stream(stream);
   int* bad = as_ptr<int>(nonfinite);
   cuda::check(cudaMemsetAsync(bad, 0, sizeof(int), s), op, "cudaMemsetAsync");
