@@ -45,8 +45,11 @@ def module():
     return _C
 
 
+_CUDA_COMPILED = _C is not None and bool(_C.build_info()["cuda_compiled"])
+
+
 def cuda_compiled() -> bool:
-    return _C is not None and bool(_C.build_info()["cuda_compiled"])
+    return _CUDA_COMPILED
 
 
 def kernel(name: str, device_type: str):
@@ -62,3 +65,19 @@ def kernel(name: str, device_type: str):
     if fn is None:
         raise KernelUnavailableError(f"dinokernels.{name}: no {device_type} kernel")
     return fn
+
+
+
+_gpu_reasons = {}
+
+
+def gpu_unusable_reason(device_index: int) -> str:
+    """'' when this build's CUDA kernels run on the device (driver, and a compiled architecture that fits the
+    card), else why not. Probed once per device with a one-thread kernel."""
+    if device_index not in _gpu_reasons:
+        if _C is None:
+            _gpu_reasons[device_index] = f"the compiled module dinokernels._C is not available ({_LOAD_ERROR})"
+        else:
+            usable, reason, _count, _driver = _C.cuda_status(device_index)
+            _gpu_reasons[device_index] = "" if usable else reason
+    return _gpu_reasons[device_index]

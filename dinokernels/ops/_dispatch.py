@@ -46,7 +46,7 @@ def check_contiguous(op: str, arg: str, t: torch.Tensor):
 
 
 def check_positive_float(op: str, arg: str, value):
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise arg_error(op, arg, f"must be a positive finite number, got {value!r}")
 
 
@@ -57,6 +57,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 _warned = set()
 
+# Evaluated once while torch.compile traces, then treated as a constant: the probe is a call into _C.
+_assume_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
+
+
+@_assume_constant
+def _gpu_unusable_reason(device_index: int) -> str:
+    return _ext.gpu_unusable_reason(device_index)
+
 
 def use_reference(op: str, device: torch.device) -> bool:
     """True when `op` must run its reference: backend 'reference', or 'auto' with no kernel for the device."""
@@ -65,6 +73,12 @@ def use_reference(op: str, device: torch.device) -> bool:
         return True
     try:
         _ext.kernel(op, device.type)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            reason = _gpu_unusable_reason(index)
+            if reason:
+                raise _ext.KernelUnavailableError(f"dinokernels.{op}: the CUDA kernels cannot run on "
+                                                  f"cuda:{index}: {reason}")
         return False
     except _ext.KernelUnavailableError as exc:
         if backend == "kernel":

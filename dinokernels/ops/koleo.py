@@ -14,7 +14,7 @@ from .koleo_ref import koleo_loss_ref, nearest_neighbors_ref
 
 __all__ = ["koleo_loss", "nearest_neighbors", "koleo_loss_ref", "nearest_neighbors_ref"]
 
-CUDA_MAX_DIM = 8192  # the CUDA backward keeps one row's gradient in shared memory
+CUDA_MAX_DIM = 8192  # the CUDA backward keeps one row's gradient in shared memory (csrc kMaxBackwardDim)
 
 
 def _check_koleo(op: str, x, eps):
@@ -24,9 +24,21 @@ def _check_koleo(op: str, x, eps):
                                    f"{tuple(x.shape)}")
     if x.shape[1] < 1:
         raise D.arg_error(op, "x", f"needs at least one column, got shape {tuple(x.shape)}")
-    if x.device.type == "cuda" and x.shape[1] > CUDA_MAX_DIM:
-        raise D.arg_error(op, "x", f"has {x.shape[1]} columns; the CUDA kernel supports at most {CUDA_MAX_DIM}")
     D.check_positive_float(op, "eps", eps)
+
+
+def _check_cuda_backward_dim(op, x):
+    if x.device.type == "cuda" and x.shape[1] > CUDA_MAX_DIM:
+        raise D.arg_error(op, "x", f"has {x.shape[1]} columns; the CUDA backward supports at most {CUDA_MAX_DIM} "
+                                   f"(forward without gradient has no limit)")
+
+
+def _check_kernel_input(op, x, eps):
+    """What the registered ops need beyond koleo_loss's checks: a kernel dtype and contiguity."""
+    _check_koleo(op, x, eps)
+    D.check_kernel_dtype(op, "x", x)
+    D.check_contiguous(op, "x", x)
+    return x.shape[0], x.shape[1], D.acc_dtype(x.dtype)
 
 
 # ---- forward ----
@@ -35,11 +47,7 @@ def _check_koleo(op: str, x, eps):
 def koleo_forward(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, D) contiguous → (loss (), nn_index (B,) int64, norms (B,), dists (B,)) in the accumulation dtype."""
     op = "koleo_forward"
-    _check_koleo(op, x, eps)
-    D.check_kernel_dtype(op, "x", x)
-    D.check_contiguous(op, "x", x)
-    n, dim = x.shape
-    acc = D.acc_dtype(x.dtype)
+    n, dim, acc = _check_kernel_input(op, x, eps)
     loss = x.new_empty((), dtype=acc)
     nn_index = x.new_empty((n,), dtype=torch.int64)
     norms = x.new_empty((n,), dtype=acc)
@@ -80,11 +88,11 @@ def koleo_backward(grad_loss: Tensor, x: Tensor, nn_index: Tensor, norms: Tensor
                    eps: float) -> Tensor:
     """grad_loss () and koleo_forward's saved outputs → grad_x (B, D) in x's dtype."""
     op = "koleo_backward"
-    _check_koleo(op, x, eps)
-    D.check_kernel_dtype(op, "x", x)
-    D.check_contiguous(op, "x", x)
-    n, dim = x.shape
-    acc = D.acc_dtype(x.dtype)
+    n, dim, acc = _check_kernel_input(op, x, eps)
+    _check_cuda_backward_dim(op, x)
+    if grad_loss.numel() != 1:
+        raise D.arg_error(op, "grad_loss", f"must hold one value (the loss is a scalar), got shape "
+                                           f"{tuple(grad_loss.shape)}")
     for name, t, dtype in (("nn_index", nn_index, torch.int64), ("norms", norms, acc), ("dists", dists, acc)):
         if t.shape != (n,) or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
             raise D.arg_error(op, name, f"must be a contiguous ({n},) {dtype} tensor on {x.device}, got "
@@ -139,6 +147,8 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     if x.device.type == "cpu" and x.dtype in D.HALF_DTYPES:
         x = x.float()
     D.check_kernel_dtype("koleo_loss", "x", x)
+    if x.requires_grad:
+        _check_cuda_backward_dim("koleo_loss", x)  # fail now, not inside backward()
     loss, _, _, _ = koleo_forward(x.contiguous(), float(eps))
     return loss
 
