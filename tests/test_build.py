@@ -2,6 +2,8 @@
 and CUDA entry points called where no GPU is usable."""
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,10 +60,48 @@ def test_info_command():
     assert text.returncode == 0 and "gpu_usable" in text.stdout
 
 
-def test_compiled_module_links_no_libtorch():
-    with open(_ext.module().__file__, "rb") as f:
+def elf_needed(path):
+    """DT_NEEDED entries of a 64-bit little-endian ELF shared object."""
+    with open(path, "rb") as f:
         data = f.read()
-    assert b"libtorch" not in data and b"libc10" not in data
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "expected a 64-bit little-endian ELF"
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, _entsize in sections:
+        if kind == 6:  # SHT_DYNAMIC; its sh_link is the string table
+            strings = sections[link][4]
+            needed = []
+            for entry in range(offset, offset + size, 16):
+                tag, value = struct.unpack_from("<qQ", data, entry)
+                if tag == 0:
+                    break
+                if tag == 1:  # DT_NEEDED
+                    start = strings + value
+                    needed.append(data[start:data.index(b"\0", start)].decode())
+            return needed
+    return []
+
+
+def test_compiled_module_links_no_libtorch_and_no_shared_cudart():
+    needed = elf_needed(_ext.module().__file__)
+    assert needed, "no DT_NEEDED entries found"
+    assert not [lib for lib in needed if lib.startswith(("libtorch", "libc10", "libcudart", "libstdc++"))], needed
+
+
+def nvcc_present():
+    return bool(shutil.which("nvcc")) or any(
+        os.path.isfile(os.path.join(root, "bin", "nvcc"))
+        for root in (os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda") if root)
+
+
+def test_cuda_sources_are_compiled_when_nvcc_is_present():
+    # CI has nvcc but no GPU: a silently CPU-only build would leave the CUDA sources unchecked.
+    if not nvcc_present() or os.environ.get("DINOKERNELS_CUDA", "auto") == "0":
+        pytest.skip("no nvcc on this machine (or DINOKERNELS_CUDA=0): a CPU-only build is expected")
+    info = dinokernels.build_info()
+    assert info["cuda_compiled"], "nvcc is installed but the module was built without CUDA"
+    assert "80" in info["cuda_archs"] or "90" in info["cuda_archs"] or os.environ.get("DINOKERNELS_CUDA_ARCHS")
 
 
 def test_build_requirements_hold_no_torch():
@@ -145,3 +185,19 @@ def test_cuda_entry_point_without_gpu_raises_clear_error():
     """, CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stderr
     assert "raised: dinokernels.koleo_forward_cuda" in result.stdout
+
+
+def test_backend_choice_for_a_cuda_device_follows_gpu_usability():
+    import torch
+    from dinokernels.ops import _dispatch
+
+    cuda0 = torch.device("cuda", 0)
+    info = dinokernels.build_info()
+    if info["gpu_usable"]:
+        assert _dispatch.use_reference("koleo_forward", cuda0) is False
+        return
+    with pytest.raises(dinokernels.KernelUnavailableError, match="koleo_forward"):
+        _dispatch.use_reference("koleo_forward", cuda0)  # conftest selects the 'kernel' backend
+    _dispatch._warned.discard(("koleo_forward", "cuda"))  # the fallback warns once per op and device
+    with dinokernels.use_backend("auto"), pytest.warns(_dispatch.FallbackWarning, match="reference"):
+        assert _dispatch.use_reference("koleo_forward", cuda0) is True

@@ -217,20 +217,22 @@ def test_bad_input_raises_naming_the_argument(make, exc, fragment):
     assert "dinokernels.koleo_loss" in str(info.value) and "argument 'x'" in str(info.value)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), True])
 def test_bad_eps(eps):
     with pytest.raises(ValueError, match="argument 'eps'"):
         koleo_loss(torch.randn(4, 3), eps=eps)
 
 
 def test_nonfinite_gives_nan_when_check_is_off():
-    x = torch.randn(5, 4)
+    x = torch.randn(50, 4)
     x[2, 1] = float("nan")
     _config.set_check_finite(False)
     try:
-        assert torch.isnan(koleo_loss(x))
+        loss, grad = loss_and_grad(koleo_loss, x)
     finally:
         _config.set_check_finite(True)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad).all()  # no row may receive a clean-looking gradient from a NaN loss
     assert torch.isnan(koleo_loss_ref(x))  # the reference never turns NaN into a finite loss either
 
 
@@ -268,6 +270,8 @@ def test_backward_op_validates_saved_tensors():
         koleo_backward(torch.ones(()), x, nn_index, norms[:3], dists, 1e-8)
     with pytest.raises(ValueError, match="argument 'nn_index'"):
         koleo_backward(torch.ones(()), x, nn_index.int(), norms, dists, 1e-8)
+    with pytest.raises(ValueError, match="argument 'grad_loss' must hold one value"):
+        koleo_backward(torch.ones(2), x, nn_index, norms, dists, 1e-8)
 
 
 # ---------------------------------------------------------------- nearest_neighbors, CPU kernel
@@ -377,6 +381,19 @@ def test_cuda_koleo_matches_float64(B, D, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("B,D", [(3000, 64), (5000, 33)])
+def test_cuda_large_batches_span_several_tiles_per_split(B, D):
+    # Above ~1100 rows each column split of the search holds several 64-column tiles, and the last split is
+    # shorter: the paths the smaller shapes never reach.
+    x = torch.randn(B, D, device="cuda")
+    nn_index = koleo_forward(x, 1e-8)[1]
+    assert_is_nearest(F.normalize(x.double().cpu(), dim=-1), None, nn_index, True, tol=1e-5)
+    y = torch.randn(B + 77, D, device="cuda")
+    sim, index = nearest_neighbors(x, y)
+    assert_is_nearest(x.double().cpu(), y.double().cpu(), index, False, tol=1e-5)
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu_kernel_and_is_deterministic():
     x = torch.randn(700, 96)
     loss_cpu, grad_cpu = loss_and_grad(koleo_loss, x)
@@ -414,8 +431,10 @@ def test_cuda_bad_inputs():
         _config.set_check_finite(True)
     with pytest.raises(TypeError, match="cuda kernel takes float32, float16, bfloat16"):
         koleo_loss(torch.randn(4, 3, dtype=torch.float64, device="cuda"))
-    with pytest.raises(ValueError, match="at most 8192"):
-        koleo_loss(torch.randn(4, 8193, device="cuda"))
+    wide = torch.randn(4, 8193, device="cuda")
+    assert torch.isfinite(koleo_loss(wide))  # forward alone has no width limit
+    with pytest.raises(ValueError, match="CUDA backward supports at most 8192"):
+        koleo_loss(wide.requires_grad_())
     with pytest.raises(ValueError, match="at least 2 rows"):
         koleo_loss(torch.randn(1, 3, device="cuda"))
 
