@@ -278,7 +278,8 @@ def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):
                   f"`{first.get('command', '')}`", "",
                   print_table(rows, TABLE_KEYS.get(bench, ["mode"])), ""]
         notes = [r["note"] for r in rows if r.get("note")]
-        parts += list(dict.fromkeys(notes))
+        for note in dict.fromkeys(notes):
+            parts += [note, ""]
     out.write_text("\n".join(parts).rstrip() + "\n")
 
 
