@@ -67,7 +67,6 @@ def kernel(name: str, device_type: str):
     return fn
 
 
-
 _gpu_reasons = {}
 
 
