@@ -4,6 +4,7 @@
 // i.e. one add per 4 cycles; these helpers fix a different, still deterministic, order that vectorises.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -64,6 +65,46 @@ inline uint32_t ge_mask(Simd<double>::vec a, Simd<double>::vec b) {
   for (int l = 0; l < Simd<double>::kLanes; ++l) m |= uint32_t(a[l] >= b[l]) << l;
   return m;
 #endif
+}
+
+// Lane-wise maximum. NaN lanes of b win, NaN lanes of a lose; callers rely on NaN reaching a later sum instead.
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// Lane-wise exp. float: Cephes-style range reduction and degree-6 polynomial (≈1 ulp); inputs below −87 give
+// 0 (true values there are < 1.7e-38, below the smallest normal float) and inputs above 88 give exp(88).
+// NaN propagates. double: the library exp per lane (the float64 kernels exist for gradcheck, not for speed).
+inline Simd<float>::vec vexp(Simd<float>::vec x) {
+  using V = Simd<float>::vec;
+  typedef int32_t IV __attribute__((vector_size(kVecBytes)));
+  const V hi = Simd<float>::splat(88.0f), lo = Simd<float>::splat(-87.0f);
+  V xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  // n = round(x / ln 2) with the 1.5·2^23 trick (exact for |n| < 2^22); r = x − n·ln 2 in two pieces.
+  const V magic = Simd<float>::splat(12582912.0f);
+  V n = (xc * 1.44269504088896341f + magic) - magic;
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V y = Simd<float>::splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  y = y * scale;
+  const V zero{};
+  return x < lo ? zero : y;
+}
+
+inline Simd<double>::vec vexp(Simd<double>::vec x) {
+  for (int l = 0; l < Simd<double>::kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
 }
 
 // Σ_i a[i] * b[i].

@@ -9,6 +9,7 @@
 
 #include "dk_common.h"
 #include "dk_cuda_api.h"
+#include "dk_softmax.h"
 
 namespace dk {
 namespace cuda {
@@ -66,6 +67,50 @@ __device__ DK_INLINE float block_sum(float v, float* scratch) {
   __syncthreads();
   v = lane < n_warps ? scratch[lane] : 0.f;
   return warp_sum(v);
+}
+
+__device__ DK_INLINE float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Max over the block; every thread gets the result. NaN is dropped by fmaxf: callers detect NaN through sums.
+__device__ DK_INLINE float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// Online-softmax step: fold one value a into the running (m, s) = (max, Σexp(· − max)).
+__device__ DK_INLINE void online_add(float& m, float& s, float a) {
+  if (a > m) {
+    s = s * expf(m - a) + 1.f;  // m = −inf on the first value: s·0 + 1
+    m = a;
+  } else if (a != -INFINITY) {  // −inf adds nothing (and −inf − (−inf) would be NaN); NaN falls through
+    s += expf(a - m);
+  }
+}
+
+// Merge the (m, s) pairs of the whole block; every thread gets the result. `scratch` holds 64 floats.
+__device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+    merge_max_sum(m, s, m2, s2);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = m, scratch[32 + warp] = s;
+  __syncthreads();
+  m = lane < n_warps ? scratch[lane] : -INFINITY;
+  s = lane < n_warps ? scratch[32 + lane] : 0.f;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+    merge_max_sum(m, s, m2, s2);
+  }
 }
 
 // Calls body(static_cast<T*>(nullptr)) with T the storage type of a CUDA dtype code.

@@ -114,3 +114,12 @@ def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 def raise_if_nonfinite(op: str, arg: str, count: int):
     if count:
         raise arg_error(op, arg, f"contains {count} non-finite value(s) (NaN or inf)")
+
+
+def raise_nonfinite_inputs(op: str, tensors: dict, fallback: str):
+    """A kernel reported a non-finite result: name the first input holding NaN/inf, or, when all inputs are
+    finite (overflow), raise `fallback` against the first argument. Only runs on the error path."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            raise_if_nonfinite(op, name, int((~torch.isfinite(t)).sum()))
+    raise arg_error(op, next(iter(tensors)), fallback)

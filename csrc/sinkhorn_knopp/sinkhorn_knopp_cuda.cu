@@ -1,0 +1,177 @@
+// CUDA Sinkhorn-Knopp in the log domain (see sinkhorn_knopp.h). Prototype step: blocks of 32 columns × 8 row
+// groups; each thread folds its rows into an online (max, Σexp) pair, the 8 pairs of a column merge in shared
+// memory (fixed order: deterministic). Sample step: one block per row. Output: one block per row.
+#include "../common/dk_cuda.cuh"
+#include "sinkhorn_knopp.h"
+#include "sinkhorn_knopp_math.h"
+
+namespace dk {
+namespace sinkhorn_knopp {
+namespace {
+
+constexpr const char* kOp = "sinkhorn_knopp";
+constexpr int kColumns = 32, kRowGroups = 8, kRowThreads = 256;
+
+// alpha != nullptr: write α = −LSE directly (single process); else the local (max, Σexp) for the all-reduce.
+template <typename T>
+__global__ void __launch_bounds__(kColumns * kRowGroups)
+    prototype_kernel(const T* __restrict__ z,        // (N, K)
+                     int64_t n, int64_t k, float inv_temp,
+                     const float* __restrict__ beta,  // (N,)
+                     float* __restrict__ alpha,       // (K,) or nullptr
+                     float* __restrict__ max_out,     // (K,) or nullptr
+                     float* __restrict__ sum_out) {   // (K,) or nullptr
+  __shared__ float sm[kRowGroups][kColumns], ss[kRowGroups][kColumns];
+  const int64_t j = int64_t(blockIdx.x) * kColumns + threadIdx.x;
+  float m = -INFINITY, s = 0.f;
+  if (j < k)
+    for (int64_t row = threadIdx.y; row < n; row += kRowGroups)
+      online_add(m, s, to_float(z[row * k + j]) * inv_temp + beta[row]);
+  sm[threadIdx.y][threadIdx.x] = m;
+  ss[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || j >= k) return;
+  for (int g = 1; g < kRowGroups; ++g) merge_max_sum(m, s, sm[g][threadIdx.x], ss[g][threadIdx.x]);
+  if (alpha) {
+    alpha[j] = alpha_from_stats(m, s);
+  } else {
+    max_out[j] = m;
+    sum_out[j] = s;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    sample_kernel(const T* __restrict__ z, int64_t k, float inv_temp, const float* __restrict__ alpha,
+                  float* __restrict__ beta) {
+  __shared__ float scratch[64];
+  const T* x = z + int64_t(blockIdx.x) * k;
+  float m = -INFINITY, s = 0.f;
+  for (int64_t j = threadIdx.x; j < k; j += kRowThreads) online_add(m, s, to_float(x[j]) * inv_temp + alpha[j]);
+  block_merge_max_sum(m, s, scratch);
+  if (threadIdx.x == 0) beta[blockIdx.x] = -(m + logf(s));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    output_kernel(const T* __restrict__ z, int64_t k, float inv_temp, const float* __restrict__ alpha,
+                  const float* __restrict__ beta, float* __restrict__ out) {
+  const int64_t offset = int64_t(blockIdx.x) * k;
+  const float shift = beta[blockIdx.x];
+  for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
+    out[offset + j] = expf(to_float(z[offset + j]) * inv_temp + alpha[j] + shift);
+}
+
+__global__ void count_nonfinite_kernel(const float* __restrict__ values, int64_t count, int* __restrict__ flag) {
+  int bad = 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    bad += !isfinite(values[i]);
+  if (bad) atomicAdd(flag, bad);
+}
+
+void check_common(std::uintptr_t z, int64_t n, int64_t k, double teacher_temp) {
+  DK_CHECK_ARG(n >= 0 && k >= 1, kOp, "teacher_logits", "needs N >= 0 rows and K >= 1 columns, got N=", n,
+               " K=", k);
+  DK_CHECK_ARG(n <= 0x7fffffff, kOp, "teacher_logits", "has more than 2^31 - 1 rows: ", n);
+  if (n > 0) check_pointer(as_ptr<void>(z), kOp, "teacher_logits");
+  DK_CHECK_ARG(std::isfinite(teacher_temp) && teacher_temp > 0, kOp, "teacher_temp",
+               "must be positive and finite, got ", teacher_temp);
+}
+
+unsigned column_blocks(int64_t k) { return unsigned((k + kColumns - 1) / kColumns); }
+
+template <typename T>
+void launch_prototype(const T* z, int64_t n, int64_t k, float inv_temp, const float* beta, float* alpha,
+                      float* max_out, float* sum_out, cudaStream_t s) {
+  prototype_kernel<T><<<column_blocks(k), dim3(kColumns, kRowGroups), 0, s>>>(z, n, k, inv_temp, beta, alpha,
+                                                                              max_out, sum_out);
+  cuda::check_launch(kOp);
+}
+
+}  // namespace
+
+int64_t workspace_bytes_cuda(int64_t n, int64_t k) {
+  DK_CHECK_ARG(n >= 0 && k >= 1, kOp, "teacher_logits", "needs N >= 0 rows and K >= 1 columns");
+  return (k + n) * int64_t(sizeof(float));  // α (K,), β (N,)
+}
+
+void forward_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, int64_t n_iterations,
+                  std::uintptr_t out, std::uintptr_t nonfinite, std::uintptr_t workspace, int64_t workspace_bytes,
+                  int device_index, std::uintptr_t stream) {
+  check_common(z, n, k, teacher_temp);
+  DK_CHECK_ARG(n >= 1, kOp, "teacher_logits", "needs at least one row, got 0");
+  DK_CHECK_ARG(n_iterations >= 1, kOp, "n_iterations", "must be >= 1, got ", n_iterations);
+  check_pointer(as_ptr<void>(out), kOp, "out");
+  check_pointer(as_ptr<void>(nonfinite), kOp, "nonfinite");
+  check_workspace(workspace, workspace_bytes, workspace_bytes_cuda(n, k), 4, kOp);
+  cuda::prepare_device(kOp, device_index);
+  cudaStream_t s = cuda::as_stream(stream);
+  float* alpha = as_ptr<float>(workspace);
+  float* beta = alpha + k;
+  const float inv_temp = float(1.0 / teacher_temp);
+  cuda::check(cudaMemsetAsync(beta, 0, size_t(n) * sizeof(float), s), kOp, "cudaMemsetAsync");
+  cuda::check(cudaMemsetAsync(as_ptr<int>(nonfinite), 0, sizeof(int), s), kOp, "cudaMemsetAsync");
+  dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* zt = as_ptr<const T>(z);
+    for (int64_t it = 0; it < n_iterations; ++it) {
+      launch_prototype(zt, n, k, inv_temp, beta, alpha, nullptr, nullptr, s);
+      sample_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, beta);
+      cuda::check_launch(kOp);
+    }
+    count_nonfinite_kernel<<<64, 256, 0, s>>>(alpha, k + n, as_ptr<int>(nonfinite));  // α and β are adjacent
+    cuda::check_launch(kOp);
+    output_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, beta, as_ptr<float>(out));
+    cuda::check_launch(kOp);
+  });
+}
+
+void prototype_stats_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp,
+                          std::uintptr_t beta, std::uintptr_t max_out, std::uintptr_t sumexp_out, int device_index,
+                          std::uintptr_t stream) {
+  check_common(z, n, k, teacher_temp);
+  if (n > 0) check_pointer(as_ptr<void>(beta), kOp, "beta");
+  check_pointer(as_ptr<void>(max_out), kOp, "max_out");
+  check_pointer(as_ptr<void>(sumexp_out), kOp, "sumexp_out");
+  cuda::prepare_device(kOp, device_index);
+  dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_prototype(as_ptr<const T>(z), n, k, float(1.0 / teacher_temp), as_ptr<const float>(beta), nullptr,
+                     as_ptr<float>(max_out), as_ptr<float>(sumexp_out), cuda::as_stream(stream));
+  });
+}
+
+void sample_step_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
+                      std::uintptr_t beta_out, int device_index, std::uintptr_t stream) {
+  check_common(z, n, k, teacher_temp);
+  check_pointer(as_ptr<void>(alpha), kOp, "alpha");
+  if (n == 0) return;
+  check_pointer(as_ptr<void>(beta_out), kOp, "beta_out");
+  cuda::prepare_device(kOp, device_index);
+  dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    sample_kernel<T><<<unsigned(n), kRowThreads, 0, cuda::as_stream(stream)>>>(
+        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<float>(beta_out));
+  });
+  cuda::check_launch(kOp);
+}
+
+void output_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
+                 std::uintptr_t beta, std::uintptr_t out, int device_index, std::uintptr_t stream) {
+  check_common(z, n, k, teacher_temp);
+  check_pointer(as_ptr<void>(alpha), kOp, "alpha");
+  if (n == 0) return;
+  check_pointer(as_ptr<void>(beta), kOp, "beta");
+  check_pointer(as_ptr<void>(out), kOp, "out");
+  cuda::prepare_device(kOp, device_index);
+  dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    output_kernel<T><<<unsigned(n), kRowThreads, 0, cuda::as_stream(stream)>>>(
+        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<const float>(beta),
+        as_ptr<float>(out));
+  });
+  cuda::check_launch(kOp);
+}
+
+}  // namespace sinkhorn_knopp
+}  // namespace dk

@@ -1,0 +1,307 @@
+// CPU soft cross-entropy (see soft_ce.h): rows split into 2048-column chunks, one task per (row b, chunk), all
+// S student and T teacher rows of that b at once so every teacher chunk is read (or exponentiated) once per b,
+// not once per pair. Two passes per student chunk (max, then exp) run from L1/L2. Chunk records are merged in a
+// fixed order, so results do not depend on the thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/dk_cpu_simd.h"
+#include "soft_ce.h"
+#include "soft_ce_math.h"
+
+namespace dk {
+namespace soft_ce {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+constexpr const char* kOp = "dino_loss";
+
+int64_t n_chunks(int64_t classes) { return (classes + kChunk - 1) / kChunk; }
+
+struct Args {
+  int64_t views, teachers, batch, classes;
+  bool skip_same_view, teacher_logits;
+  double student_temp, teacher_temp, scale;
+};
+
+void check_args(const Args& a, int dtype, std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center) {
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "student_logits");
+  DK_CHECK_ARG(a.views >= 1 && a.teachers >= 1 && a.batch >= 1 && a.classes >= 1, kOp, "student_logits",
+               "needs S, T, B, K >= 1, got S=", a.views, " T=", a.teachers, " B=", a.batch, " K=", a.classes);
+  DK_CHECK_ARG(std::isfinite(a.student_temp) && a.student_temp > 0, kOp, "student_temp",
+               "must be positive and finite, got ", a.student_temp);
+  DK_CHECK_ARG(!a.teacher_logits || (std::isfinite(a.teacher_temp) && a.teacher_temp > 0), kOp, "teacher_temp",
+               "must be positive and finite, got ", a.teacher_temp);
+  DK_CHECK_ARG(std::isfinite(a.scale), kOp, "scale", "must be finite, got ", a.scale);
+  check_pointer(as_ptr<void>(student), kOp, "student_logits");
+  check_pointer(as_ptr<void>(teacher), kOp, "teacher");
+  if (a.teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  typename S::vec acc = S::splat(-INFINITY);
+  int64_t k = 0;
+  for (; k + L <= n; k += L) acc = cpu::vmax(acc, S::load(x + k));
+  T m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = std::max(m, acc[l]);
+  for (; k < n; ++k) m = std::max(m, x[k]);
+  return m;
+}
+
+// Teacher logits of one chunk → e = exp(a − m) into out, a = (z − center)·inv_temp; returns (m, Σe).
+template <typename T>
+void teacher_chunk_exp(const T* z, const T* center, T inv_temp, int64_t n, T* out, T& m, T& s) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  int64_t k = 0;
+  typename S::vec vm = S::splat(-INFINITY);
+  for (; k + L <= n; k += L) {
+    const typename S::vec a = (S::load(z + k) - S::load(center + k)) * inv_temp;
+    S::store(out + k, a);
+    vm = cpu::vmax(vm, a);
+  }
+  m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
+  for (; k < n; ++k) {
+    out[k] = (z[k] - center[k]) * inv_temp;
+    m = std::max(m, out[k]);
+  }
+  typename S::vec vs{};
+  for (k = 0; k + L <= n; k += L) {
+    const typename S::vec e = cpu::vexp(S::load(out + k) - m);
+    S::store(out + k, e);
+    vs += e;
+  }
+  s = S::sum(vs);
+  for (; k < n; ++k) {
+    out[k] = std::exp(out[k] - m);
+    s += out[k];
+  }
+}
+
+// One (b, chunk) task of the forward: fills the chunk record.
+template <typename T>
+void forward_chunk(const Args& a, const T* student, const T* teacher, const T* center, int64_t b, int64_t k0,
+                   int64_t n, T* record, T* teacher_buffer /* (T, kChunk) */) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  const RecordLayout layout{a.views, a.teachers};
+  const T inv_ts = T(1.0 / a.student_temp);
+  const int64_t row_stride = a.batch * a.classes;
+  const T* teacher_rows[64];  // chunk starts of the teacher rows of b (T ≤ 64 checked by the caller)
+  for (int64_t t = 0; t < a.teachers; ++t) {
+    teacher_rows[t] = teacher + t * row_stride + b * a.classes + k0;
+    if (a.teacher_logits) {
+      T* e = teacher_buffer + t * kChunk;
+      teacher_chunk_exp(teacher_rows[t], center + k0, T(1.0 / a.teacher_temp), n, e, record[layout.teacher(t)],
+                        record[layout.teacher(t) + 1]);
+      teacher_rows[t] = e;
+    }
+  }
+  for (int64_t v = 0; v < a.views; ++v) {
+    const T* z = student + v * row_stride + b * a.classes + k0;
+    const T m = row_max(z, n) * inv_ts;
+    T* rec = record + layout.student(v);
+    typename S::vec vs{}, vd{}, vp{};
+    int64_t k = 0;
+    if (!a.teacher_logits) {
+      // Targets of this view: the sum of its paired teacher rows.
+      const T* paired_rows[64];
+      int n_paired = 0;
+      for (int64_t t = 0; t < a.teachers; ++t)
+        if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = teacher_rows[t];
+      for (; k + L <= n; k += L) {
+        const typename S::vec x = S::load(z + k) * inv_ts - m;
+        vs += cpu::vexp(x);
+        typename S::vec p{};
+        for (int j = 0; j < n_paired; ++j) p += S::load(paired_rows[j] + k);
+        vd += p * x;
+        vp += p;
+      }
+      T s = S::sum(vs), d = S::sum(vd), mass = S::sum(vp);
+      for (; k < n; ++k) {
+        const T x = z[k] * inv_ts - m;
+        s += std::exp(x);
+        T p = 0;
+        for (int j = 0; j < n_paired; ++j) p += paired_rows[j][k];
+        d += p * x;
+        mass += p;
+      }
+      rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
+    } else {
+      for (; k + L <= n; k += L) vs += cpu::vexp(S::load(z + k) * inv_ts - m);
+      T s = S::sum(vs);
+      for (; k < n; ++k) s += std::exp(z[k] * inv_ts - m);
+      rec[0] = m, rec[1] = s, rec[2] = 0, rec[3] = 0;
+      for (int64_t t = 0; t < a.teachers; ++t) {
+        if (!paired(v, t, a.skip_same_view)) continue;
+        const T* e = teacher_rows[t];
+        typename S::vec acc{};
+        for (k = 0; k + L <= n; k += L) acc += S::load(e + k) * (S::load(z + k) * inv_ts - m);
+        T d = S::sum(acc);
+        for (; k < n; ++k) d += e[k] * (z[k] * inv_ts - m);
+        record[layout.pair(v, t)] = d;
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const Args& a, const T* student, const T* teacher, const T* center, const T* weights, T* loss,
+                  T* student_lse, T* target_sum, T* teacher_lse, T* records, int num_threads) {
+  const RecordLayout layout{a.views, a.teachers};
+  const int64_t chunks = n_chunks(a.classes), record_size = layout.size();
+  const int64_t tasks = a.batch * chunks;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> teacher_buffer(a.teacher_logits ? size_t(a.teachers * kChunk) : 0);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / chunks, c = task % chunks;
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, a.classes - k0);
+      forward_chunk(a, student, teacher, center, b, k0, n, records + task * record_size, teacher_buffer.data());
+    }
+  }
+  // Row b's records are contiguous: record (b, c) at (b·chunks + c)·record_size.
+  std::vector<T> row_loss(size_t(a.batch));
+  const int row_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, a.batch)));
+#pragma omp parallel for schedule(static) num_threads(row_threads)
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const T l = combine_row(records + b * chunks * record_size, record_size, chunks, layout, a.skip_same_view,
+                            a.teacher_logits, a.batch, b, student_lse, target_sum, teacher_lse);
+    row_loss[size_t(b)] = weights ? weights[b] * l : l;
+  }
+  double total = 0;
+  for (int64_t b = 0; b < a.batch; ++b) total += double(row_loss[size_t(b)]);
+  *loss = T(total * a.scale);
+}
+
+template <typename T>
+void backward_impl(const Args& a, T grad_loss, const T* student, const T* teacher, const T* center,
+                   const T* weights, const T* student_lse, const T* target_sum, const T* teacher_lse,
+                   T* grad_student, int num_threads) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  const int64_t chunks = n_chunks(a.classes), tasks = a.batch * chunks, row_stride = a.batch * a.classes;
+  const T inv_ts = T(1.0 / a.student_temp), inv_tt = T(1.0 / a.teacher_temp);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> buffer(size_t((a.teacher_logits ? a.teachers : 0) + 1) * kChunk);
+    T* target = buffer.data() + (a.teacher_logits ? a.teachers * kChunk : 0);  // P of one view, one chunk
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / chunks, c = task % chunks;
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, a.classes - k0);
+      const T* rows[64];
+      for (int64_t t = 0; t < a.teachers; ++t) {
+        rows[t] = teacher + t * row_stride + b * a.classes + k0;
+        if (a.teacher_logits) {  // p_t = exp(a_t − LSE_t), recomputed instead of stored by the forward
+          T* p = buffer.data() + t * kChunk;
+          const T lse = teacher_lse[t * a.batch + b];
+          const T* z = rows[t];
+          const T* cen = center + k0;
+          int64_t k = 0;
+          for (; k + L <= n; k += L)
+            S::store(p + k, cpu::vexp((S::load(z + k) - S::load(cen + k)) * inv_tt - lse));
+          for (; k < n; ++k) p[k] = std::exp((z[k] - cen[k]) * inv_tt - lse);
+          rows[t] = p;
+        }
+      }
+      const T coef = grad_loss * T(a.scale) * (weights ? weights[b] : T(1)) * inv_ts;
+      for (int64_t v = 0; v < a.views; ++v) {
+        const T* z = student + v * row_stride + b * a.classes + k0;
+        T* g = grad_student + v * row_stride + b * a.classes + k0;
+        const T lse = student_lse[v * a.batch + b];
+        const T mass = target_sum[v * a.batch + b];
+        std::fill(target, target + n, T(0));
+        for (int64_t t = 0; t < a.teachers; ++t) {
+          if (!paired(v, t, a.skip_same_view)) continue;
+          const T* p = rows[t];
+          int64_t k = 0;
+          for (; k + L <= n; k += L) S::store(target + k, S::load(target + k) + S::load(p + k));
+          for (; k < n; ++k) target[k] += p[k];
+        }
+        int64_t k = 0;
+        for (; k + L <= n; k += L) {
+          const typename S::vec soft = cpu::vexp(S::load(z + k) * inv_ts - lse);
+          S::store(g + k, (soft * mass - S::load(target + k)) * coef);
+        }
+        for (; k < n; ++k) g[k] = (std::exp(z[k] * inv_ts - lse) * mass - target[k]) * coef;
+      }
+    }
+  }
+}
+
+template <typename Body>
+void dispatch(int dtype, Body&& body) {
+  if (dtype == kFloat64)
+    body(static_cast<double*>(nullptr));
+  else
+    body(static_cast<float*>(nullptr));
+}
+
+}  // namespace
+
+int64_t workspace_bytes_cpu(int64_t views, int64_t teachers, int64_t batch, int64_t classes, int dtype) {
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "student_logits");
+  DK_CHECK_ARG(views >= 1 && teachers >= 1 && batch >= 1 && classes >= 1, kOp, "student_logits",
+               "needs S, T, B, K >= 1");
+  const int64_t elem = dtype == kFloat64 ? 8 : 4;
+  return batch * n_chunks(classes) * RecordLayout{views, teachers}.size() * elem;
+}
+
+void forward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
+                 int dtype, int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
+                 bool teacher_logits, double student_temp, double teacher_temp, double scale, std::uintptr_t loss,
+                 std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,
+                 std::uintptr_t workspace, int64_t workspace_bytes, int num_threads) {
+  const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
+  check_args(a, dtype, student, teacher, center);
+  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
+  check_pointer(as_ptr<void>(loss), kOp, "loss");
+  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  const int64_t elem = dtype == kFloat64 ? 8 : 4;
+  check_workspace(workspace, workspace_bytes, workspace_bytes_cpu(views, teachers, batch, classes, dtype), elem,
+                  kOp);
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
+                    as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_lse), as_ptr<T>(target_sum),
+                    as_ptr<T>(teacher_lse), as_ptr<T>(workspace), num_threads);
+  });
+}
+
+void backward_cpu(std::uintptr_t grad_loss, std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
+                  std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
+                  int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
+                  double teacher_temp, double scale, std::uintptr_t student_lse, std::uintptr_t target_sum,
+                  std::uintptr_t teacher_lse, std::uintptr_t grad_student, int num_threads) {
+  const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
+  check_args(a, dtype, student, teacher, center);
+  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
+  check_pointer(as_ptr<void>(grad_loss), kOp, "grad_loss");
+  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_impl<T>(a, *as_ptr<const T>(grad_loss), as_ptr<const T>(student), as_ptr<const T>(teacher),
+                     as_ptr<const T>(center), as_ptr<const T>(weights), as_ptr<const T>(student_lse),
+                     as_ptr<const T>(target_sum), as_ptr<const T>(teacher_lse), as_ptr<T>(grad_student),
+                     num_threads);
+  });
+}
+
+}  // namespace soft_ce
+}  // namespace dk

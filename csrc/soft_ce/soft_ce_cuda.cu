@@ -1,0 +1,289 @@
+// CUDA soft cross-entropy (see soft_ce.h, soft_ce_math.h). Forward: one block per (row b, chunk) handles all S
+// student and T teacher rows of b over ≤ 2048 columns; each thread keeps its ≤ 8 columns of the current
+// student row in registers across the max and exp passes, and in logits mode the teacher exps of the chunk in
+// shared memory (each thread reads back only the columns it wrote). A second kernel merges the chunk records
+// per row with the CPU's combine_row, a third sums the rows in a fixed order. Backward: one block per
+// (b, chunk), pure streaming, no atomics.
+#include "../common/dk_cuda.cuh"
+#include "soft_ce.h"
+#include "soft_ce_math.h"
+
+namespace dk {
+namespace soft_ce {
+namespace {
+
+constexpr const char* kOp = "dino_loss";
+constexpr int kThreads = 256, kMaxPerThread = 8;
+constexpr int64_t kSharedFloats = 11264;  // 44 KB of teacher exps per block (48 KB with no opt-in, less scratch)
+
+// Columns per chunk: 2048, fewer when T teacher rows of exps would not fit in shared memory.
+int64_t chunk_width(int64_t teachers) {
+  const int64_t fit = kSharedFloats / teachers / kThreads * kThreads;
+  return fit < kThreads ? kThreads : (fit > kThreads * kMaxPerThread ? kThreads * kMaxPerThread : fit);
+}
+
+int64_t n_chunks(int64_t classes, int64_t teachers) {
+  const int64_t w = chunk_width(teachers);
+  return (classes + w - 1) / w;
+}
+
+struct Params {
+  int64_t views, teachers, batch, classes, chunk;
+  bool skip_same_view, teacher_logits;
+  float inv_ts, inv_tt, scale;
+};
+
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(Params p, const TS* __restrict__ student,  // (S, B, K)
+                   const TT* __restrict__ teacher,           // (T, B, K)
+                   const float* __restrict__ center,         // (K,) or nullptr
+                   float* __restrict__ records) {            // (B, chunks, R)
+  extern __shared__ float teacher_exp[];  // (T, chunk) in logits mode
+  __shared__ float scratch[64];
+  const RecordLayout layout{p.views, p.teachers};
+  const int64_t b = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const int64_t k0 = c * p.chunk, width = min(p.chunk, p.classes - k0);
+  const int64_t row_stride = p.batch * p.classes;
+  float* record = records + (b * chunks + c) * layout.size();
+  // Teachers: chunk (max, Σ) for logits, the target mass per chunk for probabilities.
+  for (int64_t t = 0; t < p.teachers; ++t) {
+    const TT* zt = teacher + t * row_stride + b * p.classes + k0;
+    if (p.teacher_logits) {
+      float* e = teacher_exp + t * p.chunk;
+      float m = -INFINITY, s = 0.f;
+      for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+        const float a = (to_float(zt[j]) - center[k0 + j]) * p.inv_tt;
+        e[j] = a;
+        online_add(m, s, a);
+      }
+      block_merge_max_sum(m, s, scratch);
+      for (int64_t j = threadIdx.x; j < width; j += kThreads) e[j] = expf(e[j] - m);
+      if (threadIdx.x == 0) record[layout.teacher(t)] = m, record[layout.teacher(t) + 1] = s;
+    }
+  }
+  for (int64_t v = 0; v < p.views; ++v) {
+    const TS* z = student + v * row_stride + b * p.classes + k0;
+    float x[kMaxPerThread];
+    float local_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxPerThread; ++i) {
+      const int64_t j = threadIdx.x + int64_t(i) * kThreads;
+      x[i] = j < width ? to_float(z[j]) * p.inv_ts : -INFINITY;
+      local_max = fmaxf(local_max, x[i]);
+    }
+    // NaN is dropped by fmaxf here but reaches s below, so the loss still becomes NaN.
+    const float m = block_max(local_max, scratch);
+    float s = 0.f, d = 0.f, mass = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxPerThread; ++i) {
+      const int64_t j = threadIdx.x + int64_t(i) * kThreads;
+      if (j < width) {
+        const float shifted = x[i] - m;
+        s += expf(shifted);
+        if (!p.teacher_logits) {
+          float target = 0.f;
+          for (int64_t t = 0; t < p.teachers; ++t)
+            if (paired(v, t, p.skip_same_view)) target += to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
+          d += target * shifted;
+          mass += target;
+        }
+      }
+    }
+    s = block_sum(s, scratch);
+    if (!p.teacher_logits) {
+      d = block_sum(d, scratch);
+      mass = block_sum(mass, scratch);
+      if (threadIdx.x == 0) {
+        float* rec = record + layout.student(v);
+        rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
+      }
+    } else {
+      if (threadIdx.x == 0) {
+        float* rec = record + layout.student(v);
+        rec[0] = m, rec[1] = s, rec[2] = 0.f, rec[3] = 0.f;
+      }
+      for (int64_t t = 0; t < p.teachers; ++t) {
+        if (!paired(v, t, p.skip_same_view)) continue;
+        const float* e = teacher_exp + t * p.chunk;
+        float dt = 0.f;
+#pragma unroll
+        for (int i = 0; i < kMaxPerThread; ++i) {
+          const int64_t j = threadIdx.x + int64_t(i) * kThreads;
+          if (j < width) dt += e[j] * (x[i] - m);
+        }
+        dt = block_sum(dt, scratch);
+        if (threadIdx.x == 0) record[layout.pair(v, t)] = dt;
+      }
+    }
+  }
+}
+
+__global__ void combine_kernel(Params p, int64_t chunks, const float* __restrict__ records,
+                               const float* __restrict__ weights, float* __restrict__ student_lse,
+                               float* __restrict__ target_sum, float* __restrict__ teacher_lse,
+                               float* __restrict__ row_loss) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= p.batch) return;
+  const RecordLayout layout{p.views, p.teachers};
+  const float l = combine_row(records + b * chunks * layout.size(), layout.size(), chunks, layout,
+                              p.skip_same_view, p.teacher_logits, p.batch, b, student_lse, target_sum, teacher_lse);
+  row_loss[b] = weights ? weights[b] * l : l;
+}
+
+// One block: a fixed strided split and a fixed reduction tree, so the sum is deterministic.
+__global__ void __launch_bounds__(kThreads) loss_kernel(const float* __restrict__ row_loss, int64_t batch,
+                                                        float scale, float* __restrict__ loss) {
+  __shared__ float scratch[64];
+  float acc = 0.f;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) acc += row_loss[b];
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) *loss = acc * scale;
+}
+
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(Params p, const float* __restrict__ grad_loss, const TS* __restrict__ student,
+                    const TT* __restrict__ teacher, const float* __restrict__ center,
+                    const float* __restrict__ weights, const float* __restrict__ student_lse,
+                    const float* __restrict__ target_sum, const float* __restrict__ teacher_lse,
+                    TS* __restrict__ grad_student) {
+  extern __shared__ float teacher_prob[];  // (T, chunk) in logits mode
+  const int64_t b = blockIdx.x, c = blockIdx.y;
+  const int64_t k0 = c * p.chunk, width = min(p.chunk, p.classes - k0);
+  const int64_t row_stride = p.batch * p.classes;
+  if (p.teacher_logits) {
+    for (int64_t t = 0; t < p.teachers; ++t) {
+      const TT* zt = teacher + t * row_stride + b * p.classes + k0;
+      const float lse = teacher_lse[t * p.batch + b];
+      float* prob = teacher_prob + t * p.chunk;
+      for (int64_t j = threadIdx.x; j < width; j += kThreads)
+        prob[j] = expf((to_float(zt[j]) - center[k0 + j]) * p.inv_tt - lse);
+    }
+  }
+  const float coef = *grad_loss * p.scale * (weights ? weights[b] : 1.f) * p.inv_ts;
+  for (int64_t v = 0; v < p.views; ++v) {
+    const int64_t offset = v * row_stride + b * p.classes + k0;
+    const float lse = student_lse[v * p.batch + b], mass = target_sum[v * p.batch + b];
+    for (int64_t j = threadIdx.x; j < width; j += kThreads) {
+      float target = 0.f;
+      for (int64_t t = 0; t < p.teachers; ++t) {
+        if (!paired(v, t, p.skip_same_view)) continue;
+        target += p.teacher_logits ? teacher_prob[t * p.chunk + j]
+                                   : to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
+      }
+      const float soft = expf(to_float(student[offset + j]) * p.inv_ts - lse);
+      grad_student[offset + j] = from_float<TS>((soft * mass - target) * coef);
+    }
+  }
+}
+
+Params make_params(int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
+                   bool teacher_logits, double student_temp, double teacher_temp, double scale) {
+  DK_CHECK_ARG(views >= 1 && teachers >= 1 && batch >= 1 && classes >= 1, kOp, "student_logits",
+               "needs S, T, B, K >= 1, got S=", views, " T=", teachers, " B=", batch, " K=", classes);
+  DK_CHECK_ARG(batch <= 0x7fffffff, kOp, "student_logits", "has B=", batch, " rows per view, more than 2^31 - 1");
+  DK_CHECK_ARG((classes + chunk_width(teachers) - 1) / chunk_width(teachers) <= 65535, kOp, "student_logits",
+               "has K=", classes, " classes, too many for the CUDA grid");
+  DK_CHECK_ARG(std::isfinite(student_temp) && student_temp > 0, kOp, "student_temp",
+               "must be positive and finite, got ", student_temp);
+  DK_CHECK_ARG(!teacher_logits || (std::isfinite(teacher_temp) && teacher_temp > 0), kOp, "teacher_temp",
+               "must be positive and finite, got ", teacher_temp);
+  DK_CHECK_ARG(std::isfinite(scale), kOp, "scale", "must be finite, got ", scale);
+  return Params{views, teachers, batch, classes, chunk_width(teachers), skip_same_view, teacher_logits,
+                float(1.0 / student_temp), float(1.0 / teacher_temp), float(scale)};
+}
+
+// body(TS*, TT*) with the student's storage type and the teacher's (float32 or the student's).
+template <typename Body>
+void dispatch_types(int student_dtype, int teacher_dtype, Body&& body) {
+  dispatch_cuda_float_types(student_dtype, kOp, "student_logits", [&](auto* tag) {
+    using TS = std::remove_pointer_t<decltype(tag)>;
+    if (teacher_dtype == kFloat32)
+      body(static_cast<TS*>(nullptr), static_cast<float*>(nullptr));
+    else {
+      check_dtype(teacher_dtype, teacher_dtype == student_dtype, kOp, "teacher");
+      body(static_cast<TS*>(nullptr), static_cast<TS*>(nullptr));
+    }
+  });
+}
+
+size_t shared_bytes(const Params& p) { return p.teacher_logits ? size_t(p.teachers * p.chunk) * sizeof(float) : 0; }
+
+}  // namespace
+
+int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int64_t classes) {
+  DK_CHECK_ARG(views >= 1 && teachers >= 1 && batch >= 1 && classes >= 1, kOp, "student_logits",
+               "needs S, T, B, K >= 1");
+  const int64_t records = batch * n_chunks(classes, teachers) * RecordLayout{views, teachers}.size();
+  return (records + batch) * int64_t(sizeof(float));  // chunk records, then the row losses
+}
+
+void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
+                  int student_dtype, int teacher_dtype, int64_t views, int64_t teachers, int64_t batch,
+                  int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
+                  double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_lse,
+                  std::uintptr_t target_sum, std::uintptr_t teacher_lse, std::uintptr_t workspace,
+                  int64_t workspace_bytes, int device_index, std::uintptr_t stream) {
+  const Params p = make_params(views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp,
+                               teacher_temp, scale);
+  check_pointer(as_ptr<void>(student), kOp, "student_logits");
+  check_pointer(as_ptr<void>(teacher), kOp, "teacher");
+  if (teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
+  check_pointer(as_ptr<void>(loss), kOp, "loss");
+  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  check_workspace(workspace, workspace_bytes, workspace_bytes_cuda(views, teachers, batch, classes), 4, kOp);
+  cuda::prepare_device(kOp, device_index);
+  cudaStream_t s = cuda::as_stream(stream);
+  const int64_t chunks = n_chunks(classes, teachers);
+  float* records = as_ptr<float>(workspace);
+  float* row_loss = records + batch * chunks * RecordLayout{views, teachers}.size();
+  dispatch_types(student_dtype, teacher_dtype, [&](auto* ts_tag, auto* tt_tag) {
+    using TS = std::remove_pointer_t<decltype(ts_tag)>;
+    using TT = std::remove_pointer_t<decltype(tt_tag)>;
+    forward_kernel<TS, TT><<<dim3(unsigned(batch), unsigned(chunks)), kThreads, shared_bytes(p), s>>>(
+        p, as_ptr<const TS>(student), as_ptr<const TT>(teacher), as_ptr<const float>(center), records);
+  });
+  cuda::check_launch(kOp);
+  combine_kernel<<<unsigned((batch + 127) / 128), 128, 0, s>>>(p, chunks, records, as_ptr<const float>(weights),
+                                                                as_ptr<float>(student_lse), as_ptr<float>(target_sum),
+                                                                as_ptr<float>(teacher_lse), row_loss);
+  cuda::check_launch(kOp);
+  loss_kernel<<<1, kThreads, 0, s>>>(row_loss, batch, p.scale, as_ptr<float>(loss));
+  cuda::check_launch(kOp);
+}
+
+void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintptr_t teacher,
+                   std::uintptr_t center, std::uintptr_t weights, int student_dtype, int teacher_dtype,
+                   int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
+                   bool teacher_logits, double student_temp, double teacher_temp, double scale,
+                   std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,
+                   std::uintptr_t grad_student, int device_index, std::uintptr_t stream) {
+  const Params p = make_params(views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp,
+                               teacher_temp, scale);
+  check_pointer(as_ptr<void>(grad_loss), kOp, "grad_loss");
+  check_pointer(as_ptr<void>(student), kOp, "student_logits");
+  check_pointer(as_ptr<void>(teacher), kOp, "teacher");
+  if (teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
+  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  cuda::prepare_device(kOp, device_index);
+  const int64_t chunks = n_chunks(classes, teachers);
+  dispatch_types(student_dtype, teacher_dtype, [&](auto* ts_tag, auto* tt_tag) {
+    using TS = std::remove_pointer_t<decltype(ts_tag)>;
+    using TT = std::remove_pointer_t<decltype(tt_tag)>;
+    backward_kernel<TS, TT><<<dim3(unsigned(batch), unsigned(chunks)), kThreads, shared_bytes(p),
+                              cuda::as_stream(stream)>>>(
+        p, as_ptr<const float>(grad_loss), as_ptr<const TS>(student), as_ptr<const TT>(teacher),
+        as_ptr<const float>(center), as_ptr<const float>(weights), as_ptr<const float>(student_lse),
+        as_ptr<const float>(target_sum), as_ptr<const float>(teacher_lse), as_ptr<TS>(grad_student));
+  });
+  cuda::check_launch(kOp);
+}
+
+}  // namespace soft_ce
+}  // namespace dk

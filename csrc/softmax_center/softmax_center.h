@@ -1,0 +1,49 @@
+// Teacher targets softmax((z − center)/τ_t) in one pass per row (fused centering and sharpening), and the raw
+// column sum Σ_n z_n that the DINO / iBOT center update needs (SPEC §2.1, §3.2, §3.4).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/dk_common.h"
+#include "../common/dk_cuda_api.h"
+
+namespace dk {
+namespace softmax_center {
+
+// CPU: float32 / float64; out has z's dtype. Returns the number of rows whose statistics are not finite (a NaN
+// or +inf logit or center entry); those rows are NaN. With column_sum != 0 also writes Σ_n z_n from the same
+// pass (deterministic: fixed row groups, partials added in order in double).
+int64_t workspace_bytes_cpu(int64_t n, int64_t k, int dtype, bool with_sum);
+int64_t forward_cpu(std::uintptr_t z,           // (N, K) dtype
+                    std::uintptr_t center,      // (K,) dtype
+                    int dtype, int64_t n, int64_t k, double teacher_temp,
+                    std::uintptr_t out,         // (N, K) dtype
+                    std::uintptr_t column_sum,  // (K,) dtype, or 0
+                    std::uintptr_t workspace, int64_t workspace_bytes, int num_threads);
+
+// out_k = Σ_n z_nk, summed in float64 in row order (deterministic for any thread count).
+void column_sum_cpu(std::uintptr_t z,    // (N, K) dtype
+                    int dtype, int64_t n, int64_t k,
+                    std::uintptr_t out,  // (K,) dtype
+                    int num_threads);
+
+// CUDA: z float32/float16/bfloat16, center float32, out float32. The count of non-finite rows is added to the
+// device int32 `nonfinite` (zeroed here).
+void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n, int64_t k, double teacher_temp,
+                  std::uintptr_t out, std::uintptr_t nonfinite, int device_index, std::uintptr_t stream);
+void column_sum_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k,
+                     std::uintptr_t out,  // (K,) float32
+                     int device_index, std::uintptr_t stream);
+
+#ifndef DK_WITH_CUDA
+inline void forward_cuda(std::uintptr_t, std::uintptr_t, int, int64_t, int64_t, double, std::uintptr_t,
+                         std::uintptr_t, int, std::uintptr_t) {
+  cuda::throw_not_compiled("softmax_center_cuda");
+}
+inline void column_sum_cuda(std::uintptr_t, int, int64_t, int64_t, std::uintptr_t, int, std::uintptr_t) {
+  cuda::throw_not_compiled("softmax_center_column_sum_cuda");
+}
+#endif
+
+}  // namespace softmax_center
+}  // namespace dk

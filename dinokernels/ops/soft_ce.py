@@ -1,0 +1,186 @@
+"""The registered custom ops under dino_loss, dino_loss_centered and ibot_patch_loss: the soft-target
+cross-entropy of csrc/soft_ce (derivation in csrc/soft_ce/soft_ce.h and SPEC §2.1).
+
+dinokernels::soft_ce_forward → (loss, student_lse, target_sum, teacher_lse, teacher_sum);
+dinokernels::soft_ce_backward → grad_student. The backward recomputes softmax rows from the saved per-row
+log-sum-exp instead of storing any S×B×K tensor.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _config, _ext
+from . import _dispatch as D
+
+MAX_TEACHER_VIEWS = 64  # the CPU kernel keeps one pointer per teacher view on the stack
+
+
+def _teacher_logits(center: Optional[Tensor]) -> bool:
+    return center is not None
+
+
+def _check_inputs(op: str, student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor]):
+    """Kernel-level checks (the public functions have already named user errors more precisely)."""
+    D.check_kernel_dtype(op, "student_logits", student)
+    for name, t in (("student_logits", student), ("teacher", teacher), ("center", center), ("weights", weights)):
+        if t is not None:
+            D.check_contiguous(op, name, t)
+            if t.device != student.device:
+                raise D.arg_error(op, name, f"must be on {student.device}, got {t.device}")
+    s, b, k = student.shape
+    if teacher.dim() != 3 or teacher.shape[1:] != (b, k) or not 1 <= teacher.shape[0] <= MAX_TEACHER_VIEWS:
+        raise D.arg_error(op, "teacher", f"must be (T, {b}, {k}) with 1 <= T <= {MAX_TEACHER_VIEWS}, got "
+                                         f"{tuple(teacher.shape)}")
+    if student.device.type == "cpu":
+        wanted = {"teacher": student.dtype, "center": student.dtype, "weights": student.dtype}
+    else:
+        wanted = {"teacher": (torch.float32, student.dtype), "center": torch.float32, "weights": torch.float32}
+    for name, t in (("teacher", teacher), ("center", center), ("weights", weights)):
+        allowed = wanted[name] if isinstance(wanted[name], tuple) else (wanted[name],)
+        if t is not None and t.dtype not in allowed:
+            raise D.arg_error(op, name, f"has dtype {t.dtype}, the kernel takes {' or '.join(map(str, allowed))}",
+                              TypeError)
+    if center is not None and center.shape != (k,):
+        raise D.arg_error(op, "center", f"must have shape ({k},), got {tuple(center.shape)}")
+    if weights is not None and weights.shape != (b,):
+        raise D.arg_error(op, "weights", f"must have shape ({b},), got {tuple(weights.shape)}")
+    return s, teacher.shape[0], b, k
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@torch.library.custom_op("dinokernels::soft_ce_forward", mutates_args=())
+def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor],
+                    skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
+                    return_teacher_sum: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """student (S, B, K), teacher (T, B, K) targets (or logits when center (K,) is given), weights (B,) or
+    None → (loss (), student_lse (S, B), target_sum (S, B), teacher_lse (T, B) or (0,), teacher logit column
+    sum (K,) or (0,)), all in the accumulation dtype."""
+    op = "soft_ce_forward"
+    s, t, b, k = _check_inputs(op, student, teacher, center, weights)
+    logits = _teacher_logits(center)
+    acc = D.acc_dtype(student.dtype)
+    loss = student.new_empty((), dtype=acc)
+    student_lse = student.new_empty((s, b), dtype=acc)
+    target_sum = student.new_empty((s, b), dtype=acc)
+    teacher_lse = student.new_empty((t, b) if logits else (0,), dtype=acc)
+    teacher_sum = student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc)
+    code = D.dtype_code(student.dtype)
+    common = (_ptr(student), _ptr(teacher), _ptr(center), _ptr(weights))
+    sizes = (s, t, b, k, bool(skip_same_view), logits, float(student_temp), float(teacher_temp), float(scale))
+    outs = (loss.data_ptr(), student_lse.data_ptr(), target_sum.data_ptr(), _ptr(teacher_lse) if logits else 0)
+    if student.device.type == "cpu":
+        nbytes = _ext.module().soft_ce_workspace_bytes_cpu(s, t, b, k, code)
+        ws = D.workspace(nbytes, student.device)
+        _ext.kernel(op, "cpu")(*common, code, *sizes, *outs, ws.data_ptr(), nbytes, D.cpu_threads())
+        if return_teacher_sum:
+            _ext.kernel("softmax_center_column_sum", "cpu")(teacher.data_ptr(), code, t * b, k,
+                                                            teacher_sum.data_ptr(), D.cpu_threads())
+    else:
+        device, stream = D.cuda_device_and_stream(student)
+        with torch.cuda.device(device):
+            nbytes = _ext.module().soft_ce_workspace_bytes_cuda(s, t, b, k)
+            ws = D.workspace(nbytes, student.device)
+            _ext.kernel(op, "cuda")(*common, code, D.dtype_code(teacher.dtype), *sizes, *outs, ws.data_ptr(),
+                                    nbytes, device, stream)
+            if return_teacher_sum:
+                _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
+                                                                 t * b, k, teacher_sum.data_ptr(), device, stream)
+    return loss, student_lse, target_sum, teacher_lse, teacher_sum
+
+
+@soft_ce_forward.register_fake
+def _(student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum):
+    s, b, k = student.shape
+    acc = D.acc_dtype(student.dtype)
+    t = teacher.shape[0]
+    return (student.new_empty((), dtype=acc), student.new_empty((s, b), dtype=acc),
+            student.new_empty((s, b), dtype=acc), student.new_empty((t, b) if center is not None else (0,), dtype=acc),
+            student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc))
+
+
+@torch.library.custom_op("dinokernels::soft_ce_backward", mutates_args=())
+def soft_ce_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, center: Optional[Tensor],
+                     weights: Optional[Tensor], skip_same_view: bool, student_temp: float, teacher_temp: float,
+                     scale: float, student_lse: Tensor, target_sum: Tensor, teacher_lse: Tensor) -> Tensor:
+    """grad_loss () and soft_ce_forward's statistics → grad_student (S, B, K) in the student's dtype."""
+    op = "soft_ce_backward"
+    s, t, b, k = _check_inputs(op, student, teacher, center, weights)
+    logits = _teacher_logits(center)
+    acc = D.acc_dtype(student.dtype)
+    for name, tensor, shape in (("student_lse", student_lse, (s, b)), ("target_sum", target_sum, (s, b)),
+                                ("teacher_lse", teacher_lse, (t, b) if logits else None)):
+        if shape is not None and (tensor.shape != shape or tensor.dtype != acc or not tensor.is_contiguous()
+                                  or tensor.device != student.device):
+            raise D.arg_error(op, name, f"must be a contiguous {shape} {acc} tensor on {student.device}, got "
+                                        f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+    if grad_loss.numel() != 1:
+        raise D.arg_error(op, "grad_loss", f"must hold one value (the loss is a scalar), got shape "
+                                           f"{tuple(grad_loss.shape)}")
+    grad_loss = grad_loss.to(device=student.device, dtype=acc).reshape(()).contiguous()
+    grad_student = torch.empty_like(student)
+    code = D.dtype_code(student.dtype)
+    common = (grad_loss.data_ptr(), _ptr(student), _ptr(teacher), _ptr(center), _ptr(weights))
+    sizes = (s, t, b, k, bool(skip_same_view), logits, float(student_temp), float(teacher_temp), float(scale))
+    stats = (student_lse.data_ptr(), target_sum.data_ptr(), _ptr(teacher_lse) if logits else 0)
+    if student.device.type == "cpu":
+        _ext.kernel(op, "cpu")(*common, code, *sizes, *stats, grad_student.data_ptr(), D.cpu_threads())
+    else:
+        device, stream = D.cuda_device_and_stream(student)
+        with torch.cuda.device(device):
+            _ext.kernel(op, "cuda")(*common, code, D.dtype_code(teacher.dtype), *sizes, *stats,
+                                    grad_student.data_ptr(), device, stream)
+    return grad_student
+
+
+@soft_ce_backward.register_fake
+def _(grad_loss, student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, student_lse,
+      target_sum, teacher_lse):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, _ = inputs
+    _, student_lse, target_sum, teacher_lse, _ = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(student, teacher, center, weights, student_lse, target_sum, teacher_lse)
+    ctx.args = (bool(skip_same_view), float(student_temp), float(teacher_temp), float(scale))
+
+
+def _backward(ctx, grad_loss, *_unused):
+    student, teacher, center, weights, student_lse, target_sum, teacher_lse = ctx.saved_tensors
+    skip_same_view, student_temp, teacher_temp, scale = ctx.args
+    grad = soft_ce_backward(grad_loss, student, teacher, center, weights, skip_same_view, student_temp,
+                            teacher_temp, scale, student_lse, target_sum, teacher_lse)
+    return grad, None, None, None, None, None, None, None, None
+
+
+soft_ce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(op: str, student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor],
+        skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
+        return_teacher_sum: bool = False) -> Tuple[Tensor, Tensor]:
+    """Casts to the kernel's dtypes, runs soft_ce_forward and checks the result is finite (naming the input
+    at fault). → (loss, teacher logit column sum or an empty tensor)."""
+    cpu = student.device.type == "cpu"
+    if cpu and student.dtype in D.HALF_DTYPES:
+        student = student.float()
+    D.check_kernel_dtype(op, "student_logits", student)
+    side = student.dtype if cpu else torch.float32
+    teacher = teacher.detach()
+    if cpu or teacher.dtype not in (torch.float32, student.dtype):
+        teacher = teacher.to(side)
+    center = None if center is None else center.detach().reshape(-1).to(side).contiguous()
+    weights = None if weights is None else weights.detach().to(side).contiguous()
+    loss, _, _, _, teacher_sum = soft_ce_forward(student.contiguous(), teacher.contiguous(), center, weights,
+                                                 skip_same_view, student_temp, teacher_temp, scale,
+                                                 return_teacher_sum)
+    if _config.check_finite() and not bool(torch.isfinite(loss)):
+        names = {"student_logits": student, "teacher_logits" if center is not None else "teacher_probs": teacher,
+                 "center": center, "weights": weights}
+        D.raise_nonfinite_inputs(op, names, "gives a non-finite loss (overflow: is student_temp tiny?)")
+    return loss, teacher_sum
