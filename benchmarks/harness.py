@@ -255,7 +255,76 @@ def append_jsonl(records, path: Path):
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
-TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"]}
+TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
+              "dino_loss": ["variant", "S", "T", "B", "K", "dtype", "mode"],
+              "ibot_patch_loss": ["n", "K", "dtype", "mode"],
+              "softmax_center": ["N", "K", "dtype", "sum"],
+              "sinkhorn_knopp": ["N", "K", "dtype", "iters"]}
+
+
+# ---------------------------------------------------------------- command line shared by the bench_<op> scripts
+
+def standard_parser(doc: str, default_dtypes=("float32",)):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=list(default_dtypes),
+                        choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="only the issue's target shape")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.1, help="seconds per implementation per round")
+    parser.add_argument("--record", action="store_true",
+                        help="append to benchmarks/results.jsonl and rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--jsonl", type=Path, default=None, help="also append the records here")
+    parser.add_argument("--require-target", action="store_true",
+                        help="exit with status 1 when a CPU target is measured and not met")
+    return parser
+
+
+def check_targets(records, targets) -> bool:
+    """targets: [(params that select the kernel record, min speed-up, max memory ratio or None, text)].
+    Prints a verdict per measured target; False when one is measured and missed."""
+    ok_all = True
+    for match, speedup, memory, text in targets:
+        for rec in records:
+            if rec["impl"] != "kernel" or any(rec.get(k) != v for k, v in match.items()):
+                continue
+            speed, mem = rec.get("speedup_vs_reference", 0.0), rec.get("memory_vs_reference")
+            ok = speed >= speedup and (memory is None or (mem is not None and mem <= memory))
+            ok_all &= ok
+            print(f"target ({text}): {speed:.2f}x, memory {_ratio(mem)} -> {'met' if ok else 'NOT met'}")
+    return ok_all
+
+
+def finish(bench: str, records, args, targets=()) -> int:
+    """Prints the table, checks targets (CPU), appends the JSON lines and, with --record, RESULTS.md."""
+    command = f"python benchmarks/bench_{bench}.py " + " ".join(sys.argv[1:])
+    for rec in records:
+        rec["command"] = command.strip()
+    print()
+    print(print_table(records, TABLE_KEYS[bench]))
+    verdict = 0
+    if args.device == "cpu" and targets:
+        print()
+        if not check_targets(records, targets) and args.require_target:
+            verdict = 1
+    append_jsonl(records, SCRATCH_JSONL)
+    if args.jsonl:
+        append_jsonl(records, args.jsonl)
+    if args.record:
+        append_jsonl(records, DEFAULT_JSONL)
+        render_results_md()
+        print(f"recorded in {DEFAULT_JSONL} and {RESULTS_MD}")
+    return verdict
+
+
+def copy_bandwidth_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Achievable memory bandwidth of the device: a device-to-device copy of nbytes (read + write), GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    median, _ = interleaved_times({"copy": lambda: dst.copy_(src)}, device, rounds=3, min_run_time=0.05)["copy"]
+    return 2 * nbytes / median / 1e9
 
 
 def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):

@@ -4,3 +4,21 @@
 # batch, D the embedding width of ViT-S/B/L (384/768/1024).
 KOLEO = [{"B": b, "D": d} for b in (256, 1024, 4096) for d in (384, 768, 1024)]
 KOLEO_QUICK = [{"B": 1024, "D": 384}]
+
+# DINO loss (SPEC §2.1): S crops per image (2 global + locals), T = 2 global crops, B images per rank, K
+# prototypes. The CPU target of the SSL-loss issue is S=10, T=2, B=32, K=65536; the GPU bandwidth shape is B=64.
+DINO_LOSS = [{"S": 10, "T": 2, "B": 32, "K": 65536}, {"S": 4, "T": 2, "B": 64, "K": 65536},
+             {"S": 10, "T": 2, "B": 32, "K": 4096}]
+DINO_LOSS_QUICK = [{"S": 10, "T": 2, "B": 32, "K": 65536}]
+DINO_LOSS_CUDA = [{"S": 10, "T": 2, "B": 64, "K": 65536}, {"S": 10, "T": 2, "B": 256, "K": 65536},
+                  {"S": 10, "T": 2, "B": 64, "K": 131072}]
+
+# iBOT masked tokens: about 2B images × (0.1–0.5 of 196 patches) per rank.
+IBOT = [{"n": 1024, "K": 65536}, {"n": 4096, "K": 8192}]
+IBOT_QUICK = [{"n": 1024, "K": 65536}]
+
+# Teacher targets: N = 2B global-crop rows (softmax_center), N = 1024 for the Sinkhorn-Knopp target shape.
+SOFTMAX_CENTER = [{"N": 64, "K": 65536}, {"N": 512, "K": 65536}]
+SOFTMAX_CENTER_QUICK = [{"N": 64, "K": 65536}]
+SINKHORN = [{"N": 1024, "K": 65536}, {"N": 256, "K": 131072}]
+SINKHORN_QUICK = [{"N": 1024, "K": 65536}]

@@ -24,7 +24,7 @@ void init_soft_ce(py::module_& m) {
         py::arg("num_threads"));
 
   m.def("soft_ce_workspace_bytes_cuda", &workspace_bytes_cuda, py::arg("views"), py::arg("teachers"),
-        py::arg("batch"), py::arg("classes"));
+        py::arg("batch"), py::arg("classes"), py::arg("teacher_logits"));
   m.def("soft_ce_forward_cuda", dk_bind::without_gil(&forward_cuda), py::arg("student"), py::arg("teacher"),
         py::arg("center"), py::arg("weights"), py::arg("student_dtype"), py::arg("teacher_dtype"),
         py::arg("views"), py::arg("teachers"), py::arg("batch"), py::arg("classes"), py::arg("skip_same_view"),

@@ -9,11 +9,14 @@
 namespace dk {
 
 // Merge (m2, s2) into (m, s). An empty piece is (−inf, 0); two empty pieces stay empty instead of making
-// exp(−inf − (−inf)) = NaN. A NaN sum propagates.
+// exp(−inf − (−inf)) = NaN. A NaN sum propagates, whichever side holds it.
 template <typename T>
 DK_HOST_DEVICE DK_INLINE void merge_max_sum(T& m, T& s, T m2, T s2) {
   const T big = m > m2 ? m : m2;
-  if (big == -INFINITY) return;  // both empty
+  if (big == -INFINITY) {  // both empty, or all −inf: nothing to add, but a NaN sum must survive
+    s += s2;
+    return;
+  }
   const T a = (s == T(0)) ? T(0) : s * std::exp(m - big);
   const T b = (s2 == T(0)) ? T(0) : s2 * std::exp(m2 - big);
   m = big;

@@ -51,7 +51,7 @@ void backward_cpu(std::uintptr_t grad_loss,  // () acc
 // ---- CUDA (student float32/float16/bfloat16; teacher float32 or the student's dtype; center and weights
 // float32; statistics and loss float32) ----
 
-int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int64_t classes);
+int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool teacher_logits);
 
 void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                   int student_dtype, int teacher_dtype, int64_t views, int64_t teachers, int64_t batch,
@@ -68,7 +68,7 @@ void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintpt
                    std::uintptr_t grad_student, int device_index, std::uintptr_t stream);
 
 #ifndef DK_WITH_CUDA
-inline int64_t workspace_bytes_cuda(int64_t, int64_t, int64_t, int64_t) {
+inline int64_t workspace_bytes_cuda(int64_t, int64_t, int64_t, int64_t, bool) {
   cuda::throw_not_compiled("soft_ce_forward_cuda");
 }
 inline void forward_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int, int, int64_t,

@@ -161,6 +161,7 @@ void forward_impl(const Args& a, const T* student, const T* teacher, const T* ce
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
 #pragma omp parallel num_threads(threads)
   {
+    cpu::FlushDenormals flush;
     std::vector<T> teacher_buffer(a.teacher_logits ? size_t(a.teachers * kChunk) : 0);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -194,6 +195,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
 #pragma omp parallel num_threads(threads)
   {
+    cpu::FlushDenormals flush;
     std::vector<T> buffer(size_t((a.teacher_logits ? a.teachers : 0) + 1) * kChunk);
     T* target = buffer.data() + (a.teacher_logits ? a.teachers * kChunk : 0);  // P of one view, one chunk
 #pragma omp for schedule(static)

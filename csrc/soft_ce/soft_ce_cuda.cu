@@ -15,15 +15,18 @@ namespace {
 constexpr const char* kOp = "dino_loss";
 constexpr int kThreads = 256, kMaxPerThread = 8;
 constexpr int64_t kSharedFloats = 11264;  // 44 KB of teacher exps per block (48 KB with no opt-in, less scratch)
+constexpr int64_t kMaxTeachers = kSharedFloats / kThreads;  // 44: at least one 256-column chunk fits
 
-// Columns per chunk: 2048, fewer when T teacher rows of exps would not fit in shared memory.
-int64_t chunk_width(int64_t teachers) {
+// Columns per chunk: 2048, fewer when the T rows of teacher exps (logits mode) would not fit in shared memory.
+int64_t chunk_width(int64_t teachers, bool teacher_logits) {
+  const int64_t widest = kThreads * kMaxPerThread;
+  if (!teacher_logits) return widest;
   const int64_t fit = kSharedFloats / teachers / kThreads * kThreads;
-  return fit < kThreads ? kThreads : (fit > kThreads * kMaxPerThread ? kThreads * kMaxPerThread : fit);
+  return fit < kThreads ? kThreads : (fit > widest ? widest : fit);
 }
 
-int64_t n_chunks(int64_t classes, int64_t teachers) {
-  const int64_t w = chunk_width(teachers);
+int64_t n_chunks(int64_t classes, int64_t teachers, bool teacher_logits) {
+  const int64_t w = chunk_width(teachers, teacher_logits);
   return (classes + w - 1) / w;
 }
 
@@ -183,14 +186,16 @@ Params make_params(int64_t views, int64_t teachers, int64_t batch, int64_t class
   DK_CHECK_ARG(views >= 1 && teachers >= 1 && batch >= 1 && classes >= 1, kOp, "student_logits",
                "needs S, T, B, K >= 1, got S=", views, " T=", teachers, " B=", batch, " K=", classes);
   DK_CHECK_ARG(batch <= 0x7fffffff, kOp, "student_logits", "has B=", batch, " rows per view, more than 2^31 - 1");
-  DK_CHECK_ARG((classes + chunk_width(teachers) - 1) / chunk_width(teachers) <= 65535, kOp, "student_logits",
+  DK_CHECK_ARG(!teacher_logits || teachers <= kMaxTeachers, kOp, "teacher", "has T=", teachers,
+               " views; the CUDA kernel takes at most ", kMaxTeachers, " teacher-logit views");
+  DK_CHECK_ARG(n_chunks(classes, teachers, teacher_logits) <= 65535, kOp, "student_logits",
                "has K=", classes, " classes, too many for the CUDA grid");
   DK_CHECK_ARG(std::isfinite(student_temp) && student_temp > 0, kOp, "student_temp",
                "must be positive and finite, got ", student_temp);
   DK_CHECK_ARG(!teacher_logits || (std::isfinite(teacher_temp) && teacher_temp > 0), kOp, "teacher_temp",
                "must be positive and finite, got ", teacher_temp);
   DK_CHECK_ARG(std::isfinite(scale), kOp, "scale", "must be finite, got ", scale);
-  return Params{views, teachers, batch, classes, chunk_width(teachers), skip_same_view, teacher_logits,
+  return Params{views, teachers, batch, classes, chunk_width(teachers, teacher_logits), skip_same_view, teacher_logits,
                 float(1.0 / student_temp), float(1.0 / teacher_temp), float(scale)};
 }
 
@@ -212,10 +217,10 @@ size_t shared_bytes(const Params& p) { return p.teacher_logits ? size_t(p.teache
 
 }  // namespace
 
-int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int64_t classes) {
+int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool teacher_logits) {
   DK_CHECK_ARG(views >= 1 && teachers >= 1 && batch >= 1 && classes >= 1, kOp, "student_logits",
                "needs S, T, B, K >= 1");
-  const int64_t records = batch * n_chunks(classes, teachers) * RecordLayout{views, teachers}.size();
+  const int64_t records = batch * n_chunks(classes, teachers, teacher_logits) * RecordLayout{views, teachers}.size();
   return (records + batch) * int64_t(sizeof(float));  // chunk records, then the row losses
 }
 
@@ -234,10 +239,11 @@ void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
   check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
   if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
-  check_workspace(workspace, workspace_bytes, workspace_bytes_cuda(views, teachers, batch, classes), 4, kOp);
+  check_workspace(workspace, workspace_bytes, workspace_bytes_cuda(views, teachers, batch, classes, teacher_logits), 4,
+                  kOp);
   cuda::prepare_device(kOp, device_index);
   cudaStream_t s = cuda::as_stream(stream);
-  const int64_t chunks = n_chunks(classes, teachers);
+  const int64_t chunks = n_chunks(classes, teachers, teacher_logits);
   float* records = as_ptr<float>(workspace);
   float* row_loss = records + batch * chunks * RecordLayout{views, teachers}.size();
   dispatch_types(student_dtype, teacher_dtype, [&](auto* ts_tag, auto* tt_tag) {
@@ -272,7 +278,7 @@ void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintpt
   if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
   check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
   cuda::prepare_device(kOp, device_index);
-  const int64_t chunks = n_chunks(classes, teachers);
+  const int64_t chunks = n_chunks(classes, teachers, teacher_logits);
   dispatch_types(student_dtype, teacher_dtype, [&](auto* ts_tag, auto* tt_tag) {
     using TS = std::remove_pointer_t<decltype(ts_tag)>;
     using TT = std::remove_pointer_t<decltype(tt_tag)>;

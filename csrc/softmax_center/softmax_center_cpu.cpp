@@ -66,12 +66,16 @@ int64_t forward_impl(const T* z, const T* center, int64_t n, int64_t k, T inv_te
                      T* partials, int64_t groups, int num_threads) {
   int64_t bad_rows = 0;
   if (column_sum) std::fill(partials, partials + groups * k, T(0));
-#pragma omp parallel for schedule(static) num_threads(int(std::max<int64_t>(1, std::min<int64_t>(num_threads, groups)))) reduction(+ : bad_rows)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = n * g / groups, r1 = n * (g + 1) / groups;
-    T* partial = column_sum ? partials + g * k : nullptr;
-    for (int64_t row = r0; row < r1; ++row)
-      bad_rows += !softmax_row(z + row * k, center, k, inv_temp, out + row * k, partial);
+#pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(num_threads, groups)))) reduction(+ : bad_rows)
+  {
+    cpu::FlushDenormals flush;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = n * g / groups, r1 = n * (g + 1) / groups;
+      T* partial = column_sum ? partials + g * k : nullptr;
+      for (int64_t row = r0; row < r1; ++row)
+        bad_rows += !softmax_row(z + row * k, center, k, inv_temp, out + row * k, partial);
+    }
   }
   if (column_sum) {
 #pragma omp parallel for schedule(static) num_threads(int(std::max<int64_t>(1, std::min<int64_t>(num_threads, k / 256 + 1))))

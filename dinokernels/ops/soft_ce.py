@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _config, _ext
 from . import _dispatch as D
 
-MAX_TEACHER_VIEWS = 64  # the CPU kernel keeps one pointer per teacher view on the stack
+MAX_TEACHER_VIEWS = 32  # CPU: pointers on the stack (64); CUDA: teacher exps of a chunk in shared memory (44)
 
 
 def _teacher_logits(center: Optional[Tensor]) -> bool:
@@ -82,7 +82,7 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
     else:
         device, stream = D.cuda_device_and_stream(student)
         with torch.cuda.device(device):
-            nbytes = _ext.module().soft_ce_workspace_bytes_cuda(s, t, b, k)
+            nbytes = _ext.module().soft_ce_workspace_bytes_cuda(s, t, b, k, logits)
             ws = D.workspace(nbytes, student.device)
             _ext.kernel(op, "cuda")(*common, code, D.dtype_code(teacher.dtype), *sizes, *outs, ws.data_ptr(),
                                     nbytes, device, stream)
