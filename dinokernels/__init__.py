@@ -8,6 +8,7 @@ from ._build_info import build_info
 from ._config import get_backend, set_backend, use_backend
 from ._ext import CudaError, KernelUnavailableError
 from . import ops
+from .losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 __all__ = ["__version__", "build_info", "get_backend", "set_backend", "use_backend", "CudaError",
-           "KernelUnavailableError", "ops"]
+           "KernelUnavailableError", "ops", "DINOLoss", "iBOTPatchLoss", "KoLeoLoss"]

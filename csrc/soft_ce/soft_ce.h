@@ -35,16 +35,16 @@ void forward_cpu(std::uintptr_t student,  // (S, B, K) dtype
                  int dtype, int64_t views, int64_t teachers, int64_t batch, int64_t classes,
                  bool skip_same_view, bool teacher_logits, double student_temp, double teacher_temp, double scale,
                  std::uintptr_t loss,         // () acc
-                 std::uintptr_t student_lse,  // (S, B) acc: LSE_k(z_vb/τ_s)
+                 std::uintptr_t student_stats,  // (2, S, B) acc: max and log Σexp(· − max) of z_vb/τ_s
                  std::uintptr_t target_sum,   // (S, B) acc: ΣP_vb
-                 std::uintptr_t teacher_lse,  // (T, B) acc: LSE_k((z_tb − c)/τ_t) when teacher_logits, else 0
+                 std::uintptr_t teacher_stats,  // (2, T, B) acc: the same of (z_tb − c)/τ_t, teacher_logits only
                  std::uintptr_t workspace, int64_t workspace_bytes, int num_threads);
 
 void backward_cpu(std::uintptr_t grad_loss,  // () acc
                   std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                   int dtype, int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
                   bool teacher_logits, double student_temp, double teacher_temp, double scale,
-                  std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,  // forward's
+                  std::uintptr_t student_stats, std::uintptr_t target_sum, std::uintptr_t teacher_stats,  // forward's
                   std::uintptr_t grad_student,  // (S, B, K) dtype, written
                   int num_threads);
 
@@ -56,15 +56,15 @@ int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int
 void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                   int student_dtype, int teacher_dtype, int64_t views, int64_t teachers, int64_t batch,
                   int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
-                  double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_lse,
-                  std::uintptr_t target_sum, std::uintptr_t teacher_lse, std::uintptr_t workspace,
+                  double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_stats,
+                  std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t workspace,
                   int64_t workspace_bytes, int device_index, std::uintptr_t stream);
 
 void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintptr_t teacher,
                    std::uintptr_t center, std::uintptr_t weights, int student_dtype, int teacher_dtype,
                    int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
                    bool teacher_logits, double student_temp, double teacher_temp, double scale,
-                   std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,
+                   std::uintptr_t student_stats, std::uintptr_t target_sum, std::uintptr_t teacher_stats,
                    std::uintptr_t grad_student, int device_index, std::uintptr_t stream);
 
 #ifndef DK_WITH_CUDA

@@ -154,7 +154,7 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
 
 template <typename T>
 void forward_impl(const Args& a, const T* student, const T* teacher, const T* center, const T* weights, T* loss,
-                  T* student_lse, T* target_sum, T* teacher_lse, T* records, int num_threads) {
+                  T* student_stats, T* target_sum, T* teacher_stats, T* records, int num_threads) {
   const RecordLayout layout{a.views, a.teachers};
   const int64_t chunks = n_chunks(a.classes), record_size = layout.size();
   const int64_t tasks = a.batch * chunks;
@@ -176,7 +176,8 @@ void forward_impl(const Args& a, const T* student, const T* teacher, const T* ce
 #pragma omp parallel for schedule(static) num_threads(row_threads)
   for (int64_t b = 0; b < a.batch; ++b) {
     const T l = combine_row(records + b * chunks * record_size, record_size, chunks, layout, a.skip_same_view,
-                            a.teacher_logits, a.batch, b, student_lse, target_sum, teacher_lse);
+                            a.teacher_logits, a.batch, b, RowStats<T>{student_stats, a.views, a.batch}, target_sum,
+                            RowStats<T>{teacher_stats, a.teachers, a.batch});
     row_loss[size_t(b)] = weights ? weights[b] * l : l;
   }
   double total = 0;
@@ -186,7 +187,7 @@ void forward_impl(const Args& a, const T* student, const T* teacher, const T* ce
 
 template <typename T>
 void backward_impl(const Args& a, T grad_loss, const T* student, const T* teacher, const T* center,
-                   const T* weights, const T* student_lse, const T* target_sum, const T* teacher_lse,
+                   const T* weights, const T* student_stats, const T* target_sum, const T* teacher_stats,
                    T* grad_student, int num_threads) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
@@ -207,13 +208,13 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         rows[t] = teacher + t * row_stride + b * a.classes + k0;
         if (a.teacher_logits) {  // p_t = exp(a_t − LSE_t), recomputed instead of stored by the forward
           T* p = buffer.data() + t * kChunk;
-          const T lse = teacher_lse[t * a.batch + b];
+          const T mx = teacher_stats[t * a.batch + b], ls = teacher_stats[(a.teachers + t) * a.batch + b];
           const T* z = rows[t];
           const T* cen = center + k0;
           int64_t k = 0;
           for (; k + L <= n; k += L)
-            S::store(p + k, cpu::vexp((S::load(z + k) - S::load(cen + k)) * inv_tt - lse));
-          for (; k < n; ++k) p[k] = std::exp((z[k] - cen[k]) * inv_tt - lse);
+            S::store(p + k, cpu::vexp(((S::load(z + k) - S::load(cen + k)) * inv_tt - mx) - ls));
+          for (; k < n; ++k) p[k] = std::exp(((z[k] - cen[k]) * inv_tt - mx) - ls);
           rows[t] = p;
         }
       }
@@ -221,7 +222,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
       for (int64_t v = 0; v < a.views; ++v) {
         const T* z = student + v * row_stride + b * a.classes + k0;
         T* g = grad_student + v * row_stride + b * a.classes + k0;
-        const T lse = student_lse[v * a.batch + b];
+        const T mx = student_stats[v * a.batch + b], ls = student_stats[(a.views + v) * a.batch + b];
         const T mass = target_sum[v * a.batch + b];
         std::fill(target, target + n, T(0));
         for (int64_t t = 0; t < a.teachers; ++t) {
@@ -233,10 +234,10 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         }
         int64_t k = 0;
         for (; k + L <= n; k += L) {
-          const typename S::vec soft = cpu::vexp(S::load(z + k) * inv_ts - lse);
+          const typename S::vec soft = cpu::vexp((S::load(z + k) * inv_ts - mx) - ls);
           S::store(g + k, (soft * mass - S::load(target + k)) * coef);
         }
-        for (; k < n; ++k) g[k] = (std::exp(z[k] * inv_ts - lse) * mass - target[k]) * coef;
+        for (; k < n; ++k) g[k] = (std::exp((z[k] * inv_ts - mx) - ls) * mass - target[k]) * coef;
       }
     }
   }
@@ -263,44 +264,44 @@ int64_t workspace_bytes_cpu(int64_t views, int64_t teachers, int64_t batch, int6
 void forward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                  int dtype, int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
                  bool teacher_logits, double student_temp, double teacher_temp, double scale, std::uintptr_t loss,
-                 std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,
+                 std::uintptr_t student_stats, std::uintptr_t target_sum, std::uintptr_t teacher_stats,
                  std::uintptr_t workspace, int64_t workspace_bytes, int num_threads) {
   const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
   check_args(a, dtype, student, teacher, center);
   DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
   check_pointer(as_ptr<void>(loss), kOp, "loss");
-  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
   check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
   const int64_t elem = dtype == kFloat64 ? 8 : 4;
   check_workspace(workspace, workspace_bytes, workspace_bytes_cpu(views, teachers, batch, classes, dtype), elem,
                   kOp);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     forward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
-                    as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_lse), as_ptr<T>(target_sum),
-                    as_ptr<T>(teacher_lse), as_ptr<T>(workspace), num_threads);
+                    as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_stats), as_ptr<T>(target_sum),
+                    as_ptr<T>(teacher_stats), as_ptr<T>(workspace), num_threads);
   });
 }
 
 void backward_cpu(std::uintptr_t grad_loss, std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
                   std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
                   int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
-                  double teacher_temp, double scale, std::uintptr_t student_lse, std::uintptr_t target_sum,
-                  std::uintptr_t teacher_lse, std::uintptr_t grad_student, int num_threads) {
+                  double teacher_temp, double scale, std::uintptr_t student_stats, std::uintptr_t target_sum,
+                  std::uintptr_t teacher_stats, std::uintptr_t grad_student, int num_threads) {
   const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
   check_args(a, dtype, student, teacher, center);
   DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
   check_pointer(as_ptr<void>(grad_loss), kOp, "grad_loss");
-  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
   check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
   check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     backward_impl<T>(a, *as_ptr<const T>(grad_loss), as_ptr<const T>(student), as_ptr<const T>(teacher),
-                     as_ptr<const T>(center), as_ptr<const T>(weights), as_ptr<const T>(student_lse),
-                     as_ptr<const T>(target_sum), as_ptr<const T>(teacher_lse), as_ptr<T>(grad_student),
+                     as_ptr<const T>(center), as_ptr<const T>(weights), as_ptr<const T>(student_stats),
+                     as_ptr<const T>(target_sum), as_ptr<const T>(teacher_stats), as_ptr<T>(grad_student),
                      num_threads);
   });
 }

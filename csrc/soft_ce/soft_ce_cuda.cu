@@ -123,14 +123,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void combine_kernel(Params p, int64_t chunks, const float* __restrict__ records,
-                               const float* __restrict__ weights, float* __restrict__ student_lse,
-                               float* __restrict__ target_sum, float* __restrict__ teacher_lse,
+                               const float* __restrict__ weights, float* __restrict__ student_stats,
+                               float* __restrict__ target_sum, float* __restrict__ teacher_stats,
                                float* __restrict__ row_loss) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= p.batch) return;
   const RecordLayout layout{p.views, p.teachers};
   const float l = combine_row(records + b * chunks * layout.size(), layout.size(), chunks, layout,
-                              p.skip_same_view, p.teacher_logits, p.batch, b, student_lse, target_sum, teacher_lse);
+                              p.skip_same_view, p.teacher_logits, p.batch, b,
+                              RowStats<float>{student_stats, p.views, p.batch}, target_sum,
+                              RowStats<float>{teacher_stats, p.teachers, p.batch});
   row_loss[b] = weights ? weights[b] * l : l;
 }
 
@@ -148,8 +150,8 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(Params p, const float* __restrict__ grad_loss, const TS* __restrict__ student,
                     const TT* __restrict__ teacher, const float* __restrict__ center,
-                    const float* __restrict__ weights, const float* __restrict__ student_lse,
-                    const float* __restrict__ target_sum, const float* __restrict__ teacher_lse,
+                    const float* __restrict__ weights, const float* __restrict__ student_stats,
+                    const float* __restrict__ target_sum, const float* __restrict__ teacher_stats,
                     TS* __restrict__ grad_student) {
   extern __shared__ float teacher_prob[];  // (T, chunk) in logits mode
   const int64_t b = blockIdx.x, c = blockIdx.y;
@@ -158,16 +160,17 @@ __global__ void __launch_bounds__(kThreads)
   if (p.teacher_logits) {
     for (int64_t t = 0; t < p.teachers; ++t) {
       const TT* zt = teacher + t * row_stride + b * p.classes + k0;
-      const float lse = teacher_lse[t * p.batch + b];
+      const float mx = teacher_stats[t * p.batch + b], ls = teacher_stats[(p.teachers + t) * p.batch + b];
       float* prob = teacher_prob + t * p.chunk;
       for (int64_t j = threadIdx.x; j < width; j += kThreads)
-        prob[j] = expf((to_float(zt[j]) - center[k0 + j]) * p.inv_tt - lse);
+        prob[j] = expf(((to_float(zt[j]) - center[k0 + j]) * p.inv_tt - mx) - ls);
     }
   }
   const float coef = *grad_loss * p.scale * (weights ? weights[b] : 1.f) * p.inv_ts;
   for (int64_t v = 0; v < p.views; ++v) {
     const int64_t offset = v * row_stride + b * p.classes + k0;
-    const float lse = student_lse[v * p.batch + b], mass = target_sum[v * p.batch + b];
+    const float mx = student_stats[v * p.batch + b], ls = student_stats[(p.views + v) * p.batch + b];
+    const float mass = target_sum[v * p.batch + b];
     for (int64_t j = threadIdx.x; j < width; j += kThreads) {
       float target = 0.f;
       for (int64_t t = 0; t < p.teachers; ++t) {
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
         target += p.teacher_logits ? teacher_prob[t * p.chunk + j]
                                    : to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
       }
-      const float soft = expf(to_float(student[offset + j]) * p.inv_ts - lse);
+      const float soft = expf((to_float(student[offset + j]) * p.inv_ts - mx) - ls);
       grad_student[offset + j] = from_float<TS>((soft * mass - target) * coef);
     }
   }
@@ -227,8 +230,8 @@ int64_t workspace_bytes_cuda(int64_t views, int64_t teachers, int64_t batch, int
 void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                   int student_dtype, int teacher_dtype, int64_t views, int64_t teachers, int64_t batch,
                   int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
-                  double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_lse,
-                  std::uintptr_t target_sum, std::uintptr_t teacher_lse, std::uintptr_t workspace,
+                  double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_stats,
+                  std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t workspace,
                   int64_t workspace_bytes, int device_index, std::uintptr_t stream) {
   const Params p = make_params(views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp,
                                teacher_temp, scale);
@@ -236,9 +239,9 @@ void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   check_pointer(as_ptr<void>(teacher), kOp, "teacher");
   if (teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
   check_pointer(as_ptr<void>(loss), kOp, "loss");
-  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
   check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
   check_workspace(workspace, workspace_bytes, workspace_bytes_cuda(views, teachers, batch, classes, teacher_logits), 4,
                   kOp);
   cuda::prepare_device(kOp, device_index);
@@ -254,8 +257,8 @@ void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   });
   cuda::check_launch(kOp);
   combine_kernel<<<unsigned((batch + 127) / 128), 128, 0, s>>>(p, chunks, records, as_ptr<const float>(weights),
-                                                                as_ptr<float>(student_lse), as_ptr<float>(target_sum),
-                                                                as_ptr<float>(teacher_lse), row_loss);
+                                                                as_ptr<float>(student_stats), as_ptr<float>(target_sum),
+                                                                as_ptr<float>(teacher_stats), row_loss);
   cuda::check_launch(kOp);
   loss_kernel<<<1, kThreads, 0, s>>>(row_loss, batch, p.scale, as_ptr<float>(loss));
   cuda::check_launch(kOp);
@@ -265,7 +268,7 @@ void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintpt
                    std::uintptr_t center, std::uintptr_t weights, int student_dtype, int teacher_dtype,
                    int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,
                    bool teacher_logits, double student_temp, double teacher_temp, double scale,
-                   std::uintptr_t student_lse, std::uintptr_t target_sum, std::uintptr_t teacher_lse,
+                   std::uintptr_t student_stats, std::uintptr_t target_sum, std::uintptr_t teacher_stats,
                    std::uintptr_t grad_student, int device_index, std::uintptr_t stream) {
   const Params p = make_params(views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp,
                                teacher_temp, scale);
@@ -273,9 +276,9 @@ void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintpt
   check_pointer(as_ptr<void>(student), kOp, "student_logits");
   check_pointer(as_ptr<void>(teacher), kOp, "teacher");
   if (teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
-  check_pointer(as_ptr<void>(student_lse), kOp, "student_lse");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
   check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_lse), kOp, "teacher_lse");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
   check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
   cuda::prepare_device(kOp, device_index);
   const int64_t chunks = n_chunks(classes, teachers, teacher_logits);
@@ -285,8 +288,8 @@ void backward_cuda(std::uintptr_t grad_loss, std::uintptr_t student, std::uintpt
     backward_kernel<TS, TT><<<dim3(unsigned(batch), unsigned(chunks)), kThreads, shared_bytes(p),
                               cuda::as_stream(stream)>>>(
         p, as_ptr<const float>(grad_loss), as_ptr<const TS>(student), as_ptr<const TT>(teacher),
-        as_ptr<const float>(center), as_ptr<const float>(weights), as_ptr<const float>(student_lse),
-        as_ptr<const float>(target_sum), as_ptr<const float>(teacher_lse), as_ptr<TS>(grad_student));
+        as_ptr<const float>(center), as_ptr<const float>(weights), as_ptr<const float>(student_stats),
+        as_ptr<const float>(target_sum), as_ptr<const float>(teacher_stats), as_ptr<TS>(grad_student));
   });
   cuda::check_launch(kOp);
 }

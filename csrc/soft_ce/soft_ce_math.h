@@ -29,12 +29,23 @@ struct RecordLayout {
 
 DK_HOST_DEVICE DK_INLINE bool paired(int64_t v, int64_t t, bool skip_same_view) { return !(skip_same_view && v == t); }
 
-// Merges the n_chunks records of row b (record c at records + c·chunk_stride) into student_lse[v·B + b],
-// target_sum[v·B + b], teacher_lse[t·B + b] (logits only) and returns Σ_v ℓ_vb (unweighted, unscaled).
+// Per-row statistics are kept as (max, log Σexp(x − max)) pairs, never as their sum: LSE = max + log s rounds to
+// the spacing of max (2.4e-4 at 2500), while exp((x − max) − log s) stays accurate for offsets of any size.
+// stats (2, R, B): stats[r·B + b] = max, stats[R·B + r·B + b] = log-sum.
+template <typename A>
+struct RowStats {
+  A* stats;
+  int64_t rows, batch;
+  DK_HOST_DEVICE A& max(int64_t r, int64_t b) const { return stats[r * batch + b]; }
+  DK_HOST_DEVICE A& log_sum(int64_t r, int64_t b) const { return stats[(rows + r) * batch + b]; }
+};
+
+// Merges the n_chunks records of row b (record c at records + c·chunk_stride) into the student statistics,
+// target_sum[v·B + b], the teacher statistics (logits only) and returns Σ_v ℓ_vb (unweighted, unscaled).
 template <typename A>
 DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_chunks, RecordLayout layout,
-                             bool skip_same_view, bool teacher_logits, int64_t batch, int64_t b, A* student_lse,
-                             A* target_sum, A* teacher_lse) {
+                             bool skip_same_view, bool teacher_logits, int64_t batch, int64_t b,
+                             RowStats<A> student_stats, A* target_sum, RowStats<A> teacher_stats) {
   if (teacher_logits) {
     for (int64_t t = 0; t < layout.teachers; ++t) {
       A m = -INFINITY, s = 0;
@@ -42,7 +53,8 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
         const A* r = records + c * chunk_stride + layout.teacher(t);
         merge_max_sum(m, s, r[0], r[1]);
       }
-      teacher_lse[t * batch + b] = m + std::log(s);
+      teacher_stats.max(t, b) = m;
+      teacher_stats.log_sum(t, b) = std::log(s);
     }
   }
   A row_loss = 0;
@@ -59,7 +71,8 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
       if (teacher_logits) {
         for (int64_t t = 0; t < layout.teachers; ++t) {
           if (!paired(v, t, skip_same_view)) continue;
-          const A weight = std::exp(r[layout.teacher(t)] - teacher_lse[t * batch + b]);  // ≤ 1
+          // exp(m_tc − LSE_t) ≤ 1, from the max and the log-sum separately
+          const A weight = std::exp((r[layout.teacher(t)] - teacher_stats.max(t, b)) - teacher_stats.log_sum(t, b));
           dot += weight * (r[layout.pair(v, t)] + shift * r[layout.teacher(t) + 1]);
         }
       } else {
@@ -70,7 +83,8 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
     if (teacher_logits) {
       for (int64_t t = 0; t < layout.teachers; ++t) mass += A(paired(v, t, skip_same_view));
     }
-    student_lse[v * batch + b] = m + std::log(s);
+    student_stats.max(v, b) = m;
+    student_stats.log_sum(v, b) = std::log(s);
     target_sum[v * batch + b] = mass;
     row_loss += mass * std::log(s) - dot;
   }

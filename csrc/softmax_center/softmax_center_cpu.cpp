@@ -106,12 +106,11 @@ void column_sum_impl(const T* z, int64_t n, int64_t k, T* out, int num_threads) 
   }
 }
 
-void check_common(std::uintptr_t z, int dtype, int64_t n, int64_t k, std::uintptr_t out) {
+void check_common(std::uintptr_t z, int dtype, int64_t n, int64_t k) {
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "teacher_logits");
   DK_CHECK_ARG(n >= 0 && k >= 1, kOp, "teacher_logits", "needs N >= 0 rows and K >= 1 columns, got N=", n,
                " K=", k);
   if (n > 0) check_pointer(as_ptr<void>(z), kOp, "teacher_logits");
-  check_pointer(as_ptr<void>(out), kOp, "out");
 }
 
 }  // namespace
@@ -127,7 +126,8 @@ int64_t workspace_bytes_cpu(int64_t n, int64_t k, int dtype, bool with_sum) {
 int64_t forward_cpu(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n, int64_t k, double teacher_temp,
                     std::uintptr_t out, std::uintptr_t column_sum, std::uintptr_t workspace,
                     int64_t workspace_bytes, int num_threads) {
-  check_common(z, dtype, n, k, out);
+  check_common(z, dtype, n, k);
+  if (n > 0) check_pointer(as_ptr<void>(out), kOp, "out");
   check_pointer(as_ptr<void>(center), kOp, "center");
   DK_CHECK_ARG(std::isfinite(teacher_temp) && teacher_temp > 0, kOp, "teacher_temp",
                "must be positive and finite, got ", teacher_temp);
@@ -149,7 +149,8 @@ int64_t forward_cpu(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t 
 }
 
 void column_sum_cpu(std::uintptr_t z, int dtype, int64_t n, int64_t k, std::uintptr_t out, int num_threads) {
-  check_common(z, dtype, n, k, out);
+  check_common(z, dtype, n, k);
+  check_pointer(as_ptr<void>(out), kOp, "out");
   if (dtype == kFloat64)
     column_sum_impl(as_ptr<const double>(z), n, k, as_ptr<double>(out), num_threads);
   else

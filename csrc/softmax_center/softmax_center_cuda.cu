@@ -39,19 +39,19 @@ __global__ void __launch_bounds__(kThreads)
   out[j] = float(acc);
 }
 
-void check_common(std::uintptr_t z, int64_t n, int64_t k, std::uintptr_t out) {
+void check_common(std::uintptr_t z, int64_t n, int64_t k) {
   DK_CHECK_ARG(n >= 0 && k >= 1, kOp, "teacher_logits", "needs N >= 0 rows and K >= 1 columns, got N=", n,
                " K=", k);
   DK_CHECK_ARG(n <= 0x7fffffff, kOp, "teacher_logits", "has more than 2^31 - 1 rows: ", n);
   if (n > 0) check_pointer(as_ptr<void>(z), kOp, "teacher_logits");
-  check_pointer(as_ptr<void>(out), kOp, "out");
 }
 
 }  // namespace
 
 void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n, int64_t k, double teacher_temp,
                   std::uintptr_t out, std::uintptr_t nonfinite, int device_index, std::uintptr_t stream) {
-  check_common(z, n, k, out);
+  check_common(z, n, k);
+  if (n > 0) check_pointer(as_ptr<void>(out), kOp, "out");
   check_pointer(as_ptr<void>(center), kOp, "center");
   check_pointer(as_ptr<void>(nonfinite), kOp, "nonfinite");
   DK_CHECK_ARG(std::isfinite(teacher_temp) && teacher_temp > 0, kOp, "teacher_temp",
@@ -71,7 +71,8 @@ void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n,
 
 void column_sum_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, std::uintptr_t out, int device_index,
                      std::uintptr_t stream) {
-  check_common(z, n, k, out);
+  check_common(z, n, k);
+  check_pointer(as_ptr<void>(out), kOp, "out");
   cuda::prepare_device(kOp, device_index);
   const unsigned blocks = unsigned((k + kThreads - 1) / kThreads);
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {

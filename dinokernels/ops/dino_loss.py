@@ -66,8 +66,8 @@ def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temp: float
     s, t, b, _ = _check(op, student_logits, teacher_probs, "teacher_probs", student_temp)
     if D.use_reference("soft_ce_forward", student_logits.device):
         return dino_loss_ref(student_logits, teacher_probs, student_temp)
-    loss, _ = soft_ce.run(op, student_logits, teacher_probs, None, None, True, float(student_temp), 1.0,
-                          _scale(s, t, b))
+    loss, _ = soft_ce.run(op, ("student_logits", "teacher_probs", "center", "weights"), student_logits,
+                          teacher_probs, None, None, True, float(student_temp), 1.0, _scale(s, t, b))
     return loss
 
 
@@ -88,8 +88,9 @@ def dino_loss_centered(student_logits: Tensor, teacher_logits: Tensor, center: T
     if D.use_reference("soft_ce_forward", student_logits.device):
         return dino_loss_centered_ref(student_logits, teacher_logits, center, teacher_temp, student_temp,
                                       return_sum)
-    loss, teacher_sum = soft_ce.run(op, student_logits, teacher_logits, center, None, True, float(student_temp),
-                                    float(teacher_temp), _scale(s, t, b), bool(return_sum))
+    loss, teacher_sum = soft_ce.run(op, ("student_logits", "teacher_logits", "center", "weights"), student_logits,
+                                    teacher_logits, center, None, True, float(student_temp), float(teacher_temp),
+                                    _scale(s, t, b), bool(return_sum))
     if return_sum:
         return loss, teacher_sum
     return loss

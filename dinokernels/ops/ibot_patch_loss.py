@@ -43,6 +43,7 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, w
         return zero.to(torch.float64 if student_patch_logits.dtype == torch.float64 else torch.float32)
     if D.use_reference("soft_ce_forward", student_patch_logits.device):
         return ibot_patch_loss_ref(student_patch_logits, teacher_patch_probs, weights, student_temp)
-    loss, _ = soft_ce.run(op, student_patch_logits[None], teacher_patch_probs[None], None, weights, False,
+    loss, _ = soft_ce.run(op, ("student_patch_logits", "teacher_patch_probs", "center", "weights"),
+                          student_patch_logits[None], teacher_patch_probs[None], None, weights, False,
                           float(student_temp), 1.0, 1.0)
     return loss

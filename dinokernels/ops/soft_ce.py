@@ -1,9 +1,9 @@
 """The registered custom ops under dino_loss, dino_loss_centered and ibot_patch_loss: the soft-target
 cross-entropy of csrc/soft_ce (derivation in csrc/soft_ce/soft_ce.h and SPEC §2.1).
 
-dinokernels::soft_ce_forward → (loss, student_lse, target_sum, teacher_lse, teacher_sum);
+dinokernels::soft_ce_forward → (loss, student_stats, target_sum, teacher_stats, teacher_sum);
 dinokernels::soft_ce_backward → grad_student. The backward recomputes softmax rows from the saved per-row
-log-sum-exp instead of storing any S×B×K tensor.
+statistics (max and log-sum, kept apart for accuracy) instead of storing any S×B×K tensor.
 """
 from typing import Optional, Tuple
 
@@ -55,23 +55,24 @@ def _ptr(t: Optional[Tensor]) -> int:
 @torch.library.custom_op("dinokernels::soft_ce_forward", mutates_args=())
 def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor],
                     skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
-                    return_teacher_sum: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    return_teacher_sum: bool, arg_names: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K) targets (or logits when center (K,) is given), weights (B,) or
-    None → (loss (), student_lse (S, B), target_sum (S, B), teacher_lse (T, B) or (0,), teacher logit column
-    sum (K,) or (0,)), all in the accumulation dtype."""
+    None → (loss (), student_stats (2, S, B), target_sum (S, B), teacher_stats (2, T, B) or (0,), teacher logit
+    column sum (K,) or (0,)), all in the accumulation dtype. arg_names = "op,student,teacher,center,weights":
+    the public names, for the error raised when the loss is not finite (DINOKERNELS_CHECK_FINITE)."""
     op = "soft_ce_forward"
     s, t, b, k = _check_inputs(op, student, teacher, center, weights)
     logits = _teacher_logits(center)
     acc = D.acc_dtype(student.dtype)
     loss = student.new_empty((), dtype=acc)
-    student_lse = student.new_empty((s, b), dtype=acc)
+    student_stats = student.new_empty((2, s, b), dtype=acc)
     target_sum = student.new_empty((s, b), dtype=acc)
-    teacher_lse = student.new_empty((t, b) if logits else (0,), dtype=acc)
+    teacher_stats = student.new_empty((2, t, b) if logits else (0,), dtype=acc)
     teacher_sum = student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc)
     code = D.dtype_code(student.dtype)
     common = (_ptr(student), _ptr(teacher), _ptr(center), _ptr(weights))
     sizes = (s, t, b, k, bool(skip_same_view), logits, float(student_temp), float(teacher_temp), float(scale))
-    outs = (loss.data_ptr(), student_lse.data_ptr(), target_sum.data_ptr(), _ptr(teacher_lse) if logits else 0)
+    outs = (loss.data_ptr(), student_stats.data_ptr(), target_sum.data_ptr(), _ptr(teacher_stats) if logits else 0)
     if student.device.type == "cpu":
         nbytes = _ext.module().soft_ce_workspace_bytes_cpu(s, t, b, k, code)
         ws = D.workspace(nbytes, student.device)
@@ -89,30 +90,38 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
             if return_teacher_sum:
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
                                                                  t * b, k, teacher_sum.data_ptr(), device, stream)
-    return loss, student_lse, target_sum, teacher_lse, teacher_sum
+    if _config.check_finite():  # inside the op, so torch.compile sees no data-dependent branch
+        ok = bool(torch.isfinite(loss)) and (not return_teacher_sum or bool(torch.isfinite(teacher_sum).all()))
+        if not ok:
+            public_op, *names = arg_names.split(",")
+            D.raise_nonfinite_inputs(public_op, dict(zip(names, (student, teacher, center, weights))),
+                                     "gives a non-finite loss (overflow: is student_temp tiny?)")
+    return loss, student_stats, target_sum, teacher_stats, teacher_sum
 
 
 @soft_ce_forward.register_fake
-def _(student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum):
+def _(student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum,
+      arg_names):
     s, b, k = student.shape
     acc = D.acc_dtype(student.dtype)
     t = teacher.shape[0]
-    return (student.new_empty((), dtype=acc), student.new_empty((s, b), dtype=acc),
-            student.new_empty((s, b), dtype=acc), student.new_empty((t, b) if center is not None else (0,), dtype=acc),
+    return (student.new_empty((), dtype=acc), student.new_empty((2, s, b), dtype=acc),
+            student.new_empty((s, b), dtype=acc),
+            student.new_empty((2, t, b) if center is not None else (0,), dtype=acc),
             student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc))
 
 
 @torch.library.custom_op("dinokernels::soft_ce_backward", mutates_args=())
 def soft_ce_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, center: Optional[Tensor],
                      weights: Optional[Tensor], skip_same_view: bool, student_temp: float, teacher_temp: float,
-                     scale: float, student_lse: Tensor, target_sum: Tensor, teacher_lse: Tensor) -> Tensor:
+                     scale: float, student_stats: Tensor, target_sum: Tensor, teacher_stats: Tensor) -> Tensor:
     """grad_loss () and soft_ce_forward's statistics → grad_student (S, B, K) in the student's dtype."""
     op = "soft_ce_backward"
     s, t, b, k = _check_inputs(op, student, teacher, center, weights)
     logits = _teacher_logits(center)
     acc = D.acc_dtype(student.dtype)
-    for name, tensor, shape in (("student_lse", student_lse, (s, b)), ("target_sum", target_sum, (s, b)),
-                                ("teacher_lse", teacher_lse, (t, b) if logits else None)):
+    for name, tensor, shape in (("student_stats", student_stats, (2, s, b)), ("target_sum", target_sum, (s, b)),
+                                ("teacher_stats", teacher_stats, (2, t, b) if logits else None)):
         if shape is not None and (tensor.shape != shape or tensor.dtype != acc or not tensor.is_contiguous()
                                   or tensor.device != student.device):
             raise D.arg_error(op, name, f"must be a contiguous {shape} {acc} tensor on {student.device}, got "
@@ -125,7 +134,7 @@ def soft_ce_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, center
     code = D.dtype_code(student.dtype)
     common = (grad_loss.data_ptr(), _ptr(student), _ptr(teacher), _ptr(center), _ptr(weights))
     sizes = (s, t, b, k, bool(skip_same_view), logits, float(student_temp), float(teacher_temp), float(scale))
-    stats = (student_lse.data_ptr(), target_sum.data_ptr(), _ptr(teacher_lse) if logits else 0)
+    stats = (student_stats.data_ptr(), target_sum.data_ptr(), _ptr(teacher_stats) if logits else 0)
     if student.device.type == "cpu":
         _ext.kernel(op, "cpu")(*common, code, *sizes, *stats, grad_student.data_ptr(), D.cpu_threads())
     else:
@@ -137,39 +146,39 @@ def soft_ce_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, center
 
 
 @soft_ce_backward.register_fake
-def _(grad_loss, student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, student_lse,
-      target_sum, teacher_lse):
+def _(grad_loss, student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, student_stats,
+      target_sum, teacher_stats):
     return torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, _ = inputs
-    _, student_lse, target_sum, teacher_lse, _ = output
+    student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, _, _ = inputs
+    _, student_stats, target_sum, teacher_stats, _ = output
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(student, teacher, center, weights, student_lse, target_sum, teacher_lse)
+    ctx.save_for_backward(student, teacher, center, weights, student_stats, target_sum, teacher_stats)
     ctx.args = (bool(skip_same_view), float(student_temp), float(teacher_temp), float(scale))
 
 
 def _backward(ctx, grad_loss, *_unused):
-    student, teacher, center, weights, student_lse, target_sum, teacher_lse = ctx.saved_tensors
+    student, teacher, center, weights, student_stats, target_sum, teacher_stats = ctx.saved_tensors
     skip_same_view, student_temp, teacher_temp, scale = ctx.args
     grad = soft_ce_backward(grad_loss, student, teacher, center, weights, skip_same_view, student_temp,
-                            teacher_temp, scale, student_lse, target_sum, teacher_lse)
-    return grad, None, None, None, None, None, None, None, None
+                            teacher_temp, scale, student_stats, target_sum, teacher_stats)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 soft_ce_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def run(op: str, student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor],
-        skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
+def run(op: str, arg_names: Tuple[str, str, str, str], student: Tensor, teacher: Tensor, center: Optional[Tensor],
+        weights: Optional[Tensor], skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
         return_teacher_sum: bool = False) -> Tuple[Tensor, Tensor]:
-    """Casts to the kernel's dtypes, runs soft_ce_forward and checks the result is finite (naming the input
-    at fault). → (loss, teacher logit column sum or an empty tensor)."""
+    """Casts to the kernel's dtypes and runs soft_ce_forward; arg_names are the public names of (student,
+    teacher, center, weights) for error messages. → (loss, teacher logit column sum or an empty tensor)."""
     cpu = student.device.type == "cpu"
     if cpu and student.dtype in D.HALF_DTYPES:
         student = student.float()
-    D.check_kernel_dtype(op, "student_logits", student)
+    D.check_kernel_dtype(op, arg_names[0], student)
     side = student.dtype if cpu else torch.float32
     teacher = teacher.detach()
     if cpu or teacher.dtype not in (torch.float32, student.dtype):
@@ -178,9 +187,5 @@ def run(op: str, student: Tensor, teacher: Tensor, center: Optional[Tensor], wei
     weights = None if weights is None else weights.detach().to(side).contiguous()
     loss, _, _, _, teacher_sum = soft_ce_forward(student.contiguous(), teacher.contiguous(), center, weights,
                                                  skip_same_view, student_temp, teacher_temp, scale,
-                                                 return_teacher_sum)
-    if _config.check_finite() and not bool(torch.isfinite(loss)):
-        names = {"student_logits": student, "teacher_logits" if center is not None else "teacher_probs": teacher,
-                 "center": center, "weights": weights}
-        D.raise_nonfinite_inputs(op, names, "gives a non-finite loss (overflow: is student_temp tiny?)")
+                                                 return_teacher_sum, ",".join((op, *arg_names)))
     return loss, teacher_sum

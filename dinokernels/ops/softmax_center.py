@@ -69,6 +69,8 @@ def softmax_center_op(teacher_logits: Tensor, center: Tensor, teacher_temp: floa
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher_logits.data_ptr(), code, n, k,
                                                                  column_sum.data_ptr(), device, stream)
         bad = int(flag.item()) if _config.check_finite() and n > 0 else 0
+    if return_sum and _config.check_finite() and not bool(torch.isfinite(column_sum).all()):
+        bad = bad or 1  # a −inf logit leaves its row finite but not the center update
     if bad:
         D.raise_nonfinite_inputs(op, {"teacher_logits": teacher_logits, "center": center},
                                  f"gives {bad} row(s) of non-finite statistics")
@@ -109,8 +111,4 @@ def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float,
     D.check_kernel_dtype(op, "teacher_logits", z)
     probs, column_sum = softmax_center_op(z.contiguous(), kernel_center(center, z), float(teacher_temp),
                                           bool(return_sum))
-    if return_sum:
-        if _config.check_finite() and not bool(torch.isfinite(column_sum).all()):
-            raise D.arg_error(op, "teacher_logits", "contains non-finite values (its column sum is not finite)")
-        return probs, column_sum
-    return probs
+    return (probs, column_sum) if return_sum else probs
