@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, in one call on a machine with a CUDA GPU and no network (Python with a CUDA torch, nvcc,
 # pybind11, cmake, ninja, pytest, compute-sanitizer present): build, CUDA tests that may not skip,
-# compute-sanitizer on a small CUDA test, benchmarks. Logs and results go to $OUT (default
-# benchmarks/out/gpu_check). Budget: under 8 minutes on an H100 host with 16 cores.
+# compute-sanitizer on the small CUDA tests named *sanitizer*, benchmarks. Logs and results go to $OUT (default
+# benchmarks/out/gpu_check). Budget: under 10 minutes on an H100 host with 16 cores.
 #
 #   bash benchmarks/gpu_check.sh            # then: python benchmarks/harness.py --render after merging
 set -uo pipefail
@@ -37,9 +37,12 @@ step tests_cpu 200 "$PY" -P -m pytest tests -q -p no:cacheprovider -m "not cuda"
 step sanitizer 240 bash -c "
   compute-sanitizer --tool memcheck --error-exitcode 1 '$PY' -P -m pytest tests/ops -q -p no:cacheprovider -k sanitizer &&
   compute-sanitizer --tool racecheck --error-exitcode 1 '$PY' -P -m pytest tests/ops -q -p no:cacheprovider -k sanitizer"
-TAIL=45 step bench 300 bash -c "
-  '$PY' benchmarks/bench_koleo.py --device cuda --dtype float32 bfloat16 --rounds 3 --jsonl '$OUT/results.jsonl' &&
-  '$PY' benchmarks/bench_koleo.py --quick --jsonl '$OUT/results.jsonl'"
+TAIL=45 step bench 420 bash -c "
+  '$PY' benchmarks/bench_dino_loss.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
+  '$PY' benchmarks/bench_sinkhorn_knopp.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
+  '$PY' benchmarks/bench_softmax_center.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
+  '$PY' benchmarks/bench_ibot_patch_loss.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
+  '$PY' benchmarks/bench_koleo.py --device cuda --dtype float32 bfloat16 --rounds 3 --jsonl '$OUT/results.jsonl'"
 
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "FAILED: ${failed[*]}"

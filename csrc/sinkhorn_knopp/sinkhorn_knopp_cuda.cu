@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kColumns * kRowGroups)
   float m = -INFINITY, s = 0.f;
   if (j < k)
     for (int64_t row = threadIdx.y; row < n; row += kRowGroups)
-      online_add(m, s, to_float(z[row * k + j]) * inv_temp + beta[row]);
+      online_add(m, s, __fmul_rn(to_float(z[row * k + j]), inv_temp) + beta[row]);
   sm[threadIdx.y][threadIdx.x] = m;
   ss[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ float scratch[64];
   const T* x = z + int64_t(blockIdx.x) * k;
   float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < k; j += kRowThreads) online_add(m, s, to_float(x[j]) * inv_temp + alpha[j]);
+  for (int64_t j = threadIdx.x; j < k; j += kRowThreads) online_add(m, s, __fmul_rn(to_float(x[j]), inv_temp) + alpha[j]);
   block_merge_max_sum(m, s, scratch);
   if (threadIdx.x == 0) beta[blockIdx.x] = -(m + logf(s));
 }
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t offset = int64_t(blockIdx.x) * k;
   const float shift = beta[blockIdx.x];
   for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
-    out[offset + j] = expf(to_float(z[offset + j]) * inv_temp + alpha[j] + shift);
+    out[offset + j] = expf(__fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j] + shift);
 }
 
 __global__ void count_nonfinite_kernel(const float* __restrict__ values, int64_t count, int* __restrict__ flag) {

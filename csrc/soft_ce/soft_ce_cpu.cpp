@@ -1,4 +1,8 @@
-// CPU soft cross-entropy (see soft_ce.h): rows split into 2048-column chunks, one task per (row b, chunk), all
+// CPU soft cross-entropy (see soft_ce.h). Rounding: the forward and the backward must see bit-identical
+// z/τ − max values, so every such expression has the same shape in both (z·inv − m, which -ffp-contract turns
+// into one FMA in both places), and teacher logits are stored rounded before use in both.
+//
+// Rows split into 2048-column chunks, one task per (row b, chunk), all
 // S student and T teacher rows of that b at once so every teacher chunk is read (or exponentiated) once per b,
 // not once per pair. Two passes per student chunk (max, then exp) run from L1/L2. Chunk records are merged in a
 // fixed order, so results do not depend on the thread count.
@@ -209,12 +213,15 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         if (a.teacher_logits) {  // p_t = exp(a_t − LSE_t), recomputed instead of stored by the forward
           T* p = buffer.data() + t * kChunk;
           const T mx = teacher_stats[t * a.batch + b], ls = teacher_stats[(a.teachers + t) * a.batch + b];
+          // a is stored before use, exactly as teacher_chunk_exp does in the forward: a fused multiply-add
+          // would skip the rounding of a, and at |a| ~ 1e5 half an ulp moves the target by a percent.
           const T* z = rows[t];
           const T* cen = center + k0;
           int64_t k = 0;
-          for (; k + L <= n; k += L)
-            S::store(p + k, cpu::vexp(((S::load(z + k) - S::load(cen + k)) * inv_tt - mx) - ls));
-          for (; k < n; ++k) p[k] = std::exp(((z[k] - cen[k]) * inv_tt - mx) - ls);
+          for (; k + L <= n; k += L) S::store(p + k, (S::load(z + k) - S::load(cen + k)) * inv_tt);
+          for (; k < n; ++k) p[k] = (z[k] - cen[k]) * inv_tt;
+          for (k = 0; k + L <= n; k += L) S::store(p + k, cpu::vexp((S::load(p + k) - mx) - ls));
+          for (; k < n; ++k) p[k] = std::exp((p[k] - mx) - ls);
           rows[t] = p;
         }
       }

@@ -3,7 +3,8 @@
 // student row in registers across the max and exp passes, and in logits mode the teacher exps of the chunk in
 // shared memory (each thread reads back only the columns it wrote). A second kernel merges the chunk records
 // per row with the CPU's combine_row, a third sums the rows in a fixed order. Backward: one block per
-// (b, chunk), pure streaming, no atomics.
+// (b, chunk), pure streaming, no atomics. Every z/τ is formed with __fmul_rn: the forward and the backward
+// must round it identically, and nvcc would otherwise fuse some of the products into FMAs and not others.
 #include "../common/dk_cuda.cuh"
 #include "soft_ce.h"
 #include "soft_ce_math.h"
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
       float* e = teacher_exp + t * p.chunk;
       float m = -INFINITY, s = 0.f;
       for (int64_t j = threadIdx.x; j < width; j += kThreads) {
-        const float a = (to_float(zt[j]) - center[k0 + j]) * p.inv_tt;
+        const float a = __fmul_rn(to_float(zt[j]) - center[k0 + j], p.inv_tt);
         e[j] = a;
         online_add(m, s, a);
       }
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kMaxPerThread; ++i) {
       const int64_t j = threadIdx.x + int64_t(i) * kThreads;
-      x[i] = j < width ? to_float(z[j]) * p.inv_ts : -INFINITY;
+      x[i] = j < width ? __fmul_rn(to_float(z[j]), p.inv_ts) : -INFINITY;
       local_max = fmaxf(local_max, x[i]);
     }
     // NaN is dropped by fmaxf here but reaches s below, so the loss still becomes NaN.
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
       const float mx = teacher_stats[t * p.batch + b], ls = teacher_stats[(p.teachers + t) * p.batch + b];
       float* prob = teacher_prob + t * p.chunk;
       for (int64_t j = threadIdx.x; j < width; j += kThreads)
-        prob[j] = expf(((to_float(zt[j]) - center[k0 + j]) * p.inv_tt - mx) - ls);
+        prob[j] = expf((__fmul_rn(to_float(zt[j]) - center[k0 + j], p.inv_tt) - mx) - ls);
     }
   }
   const float coef = *grad_loss * p.scale * (weights ? weights[b] : 1.f) * p.inv_ts;
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
         target += p.teacher_logits ? teacher_prob[t * p.chunk + j]
                                    : to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
       }
-      const float soft = expf((to_float(student[offset + j]) * p.inv_ts - mx) - ls);
+      const float soft = expf((__fmul_rn(to_float(student[offset + j]), p.inv_ts) - mx) - ls);
       grad_student[offset + j] = from_float<TS>((soft * mass - target) * coef);
     }
   }

@@ -22,11 +22,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* x = z + int64_t(blockIdx.x) * k;
   float* y = out + int64_t(blockIdx.x) * k;
   float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) online_add(m, s, (to_float(x[j]) - center[j]) * inv_temp);
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) online_add(m, s, __fmul_rn(to_float(x[j]) - center[j], inv_temp));
   block_merge_max_sum(m, s, scratch);
   const float lse = m + logf(s);
   if (threadIdx.x == 0 && !isfinite(lse)) atomicAdd(nonfinite, 1);
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) y[j] = expf((to_float(x[j]) - center[j]) * inv_temp - lse);
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) y[j] = expf(__fmul_rn(to_float(x[j]) - center[j], inv_temp) - lse);
 }
 
 template <typename T>

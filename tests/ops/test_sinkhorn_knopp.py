@@ -1,0 +1,308 @@
+"""sinkhorn_knopp: the kernel against the official DINOv2 iterations (float64, wherever they are finite) and the
+log-domain reference where they overflow, row sums, N=1 / K=1 / rectangular inputs, opcheck, non-contiguous and
+16-bit input, bad input, and the CUDA kernel (marked `cuda`)."""
+import pytest
+import torch
+
+import dinokernels
+from dinokernels import _config
+from dinokernels.ops import sinkhorn_knopp
+from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_official, sinkhorn_knopp_ref
+
+
+def official_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
+    """dinov2/loss/dino_clstoken_loss.py DINOLoss.sinkhorn_knopp_teacher as published, single process
+    (dist.is_initialized() is False: world size 1, no all-reduce), without its float() cast so that it can run in
+    float64."""
+    Q = torch.exp(teacher_output / teacher_temp).t()  # Q is K-by-B for consistency with notations from our paper
+    B = Q.shape[1] * 1  # number of samples to assign
+    K = Q.shape[0]  # how many prototypes
+    # make the matrix sums to 1
+    sum_Q = torch.sum(Q)
+    Q /= sum_Q
+    for it in range(n_iterations):
+        # normalize each row: total weight per prototype must be 1/K
+        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
+        Q /= sum_of_rows
+        Q /= K
+        # normalize each column: total weight per sample must be 1/B
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B  # the columns must sum to 1 so that Q is an assignment
+    return Q.t()
+
+
+def tolerance(dtype, amax, n_iterations=3):
+    """Relative accuracy of Sinkhorn-Knopp in `dtype` with exponent arguments z/τ up to `amax`: each argument
+    carries a rounding error of about eps·amax, and each iteration adds a little."""
+    eps = torch.finfo(dtype).eps
+    return max(1e-5 if dtype != torch.float64 else 1e-10, 8 * eps * (amax + 4 * n_iterations))
+
+
+def assert_targets_close(out, ref, dtype, amax, n_iterations=3):
+    tol = tolerance(dtype, amax, n_iterations)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol * 1e-6)
+
+
+def assert_rows_sum_to_one(out, tol):
+    err = (out.double().sum(dim=1) - 1).abs().max().item()
+    assert err <= tol, f"row sums off by {err:.3g}"
+
+
+SHAPES = [(64, 1000), (33, 4099), (256, 128), (5, 3), (2, 65537), (2, 2)]  # N ≠ K both ways, K off every tile
+
+
+@pytest.mark.parametrize("n_iterations", [1, 3, 5])
+@pytest.mark.parametrize("N,K,temp", [(*shape, (0.04, 0.07)[i % 2]) for i, shape in enumerate(SHAPES)])
+def test_float64_matches_official(N, K, temp, n_iterations):
+    z = torch.randn(N, K, dtype=torch.float64)
+    out = sinkhorn_knopp(z, temp, n_iterations)
+    assert out.dtype == torch.float64 and out.shape == (N, K)
+    ref = official_sinkhorn(z, temp, n_iterations)
+    assert torch.isfinite(ref).all()
+    amax = z.abs().max().item() / temp
+    assert_targets_close(out, ref, torch.float64, amax, n_iterations)
+    assert_rows_sum_to_one(out, 1e-12)
+    # The project's own transcription of the official iterations agrees.
+    torch.testing.assert_close(sinkhorn_knopp_official(z, temp, n_iterations), ref, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("n_iterations", [1, 3, 5])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_float32_matches_official_float64(N, K, n_iterations):
+    temp = 0.07
+    z = torch.randn(N, K) * 0.7
+    out = sinkhorn_knopp(z, temp, n_iterations)
+    assert out.dtype == torch.float32 and out.shape == (N, K)
+    ref = official_sinkhorn(z.double(), temp, n_iterations)
+    amax = z.abs().max().item() / temp
+    assert_targets_close(out, ref, torch.float32, amax, n_iterations)
+    assert_rows_sum_to_one(out, tolerance(torch.float32, amax, n_iterations))
+
+
+def test_float32_is_finite_where_the_float32_official_overflows():
+    # z up to ~5 at τ = 0.04: z/τ > 88.7 overflows exp in float32 (dinov2 PR #583) but not in float64.
+    z = torch.randn(64, 2000) * 1.3
+    z[3, 17] = 4.5
+    assert not torch.isfinite(official_sinkhorn(z.clone(), 0.04)).all()
+    out = sinkhorn_knopp(z, 0.04)
+    assert torch.isfinite(out).all()
+    ref = official_sinkhorn(z.double(), 0.04)
+    assert torch.isfinite(ref).all()
+    assert_targets_close(out, ref, torch.float32, z.abs().max().item() / 0.04)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N,K,kind", [(16, 300, "uniform"), (300, 16, "uniform"), (8, 4099, "uniform"),
+                                      (12, 50, "all_low"), (12, 50, "all_high")])
+def test_finite_where_official_is_not(N, K, kind, dtype):
+    if kind == "uniform":
+        z = (torch.rand(N, K, dtype=torch.float64) * 2 - 1) * 1e4  # anywhere in ±1e4
+    else:  # everything near ∓1e4: exp underflows to 0 (0/0) or overflows (inf/inf) in the official form
+        z = torch.randn(N, K, dtype=torch.float64) * 2 + (-1e4 if kind == "all_low" else 1e4)
+    z = z.to(dtype)
+    official = official_sinkhorn(z.double(), 0.04)
+    assert not torch.isfinite(official).all()  # even float64 breaks here
+    out = sinkhorn_knopp(z, 0.04)
+    assert out.dtype == dtype and torch.isfinite(out).all() and bool((out >= 0).all())
+    amax = z.abs().max().item() / 0.04
+    if dtype == torch.float64:
+        ref = sinkhorn_knopp_ref(z, 0.04)
+        tol = tolerance(torch.float64, amax)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        assert_rows_sum_to_one(out, tol)
+        # A shift of every logit by one constant leaves the official result unchanged (its first step divides it
+        # out), and the shifted logits (exact in float64) are small enough for the official form.
+        if kind != "uniform":
+            shifted = official_sinkhorn(z - z.mean(), 0.04)
+            assert torch.isfinite(shifted).all()
+            assert_targets_close(out, shifted, torch.float64, amax)
+    else:
+        ref = sinkhorn_knopp_ref(z.double(), 0.04)
+        tol = tolerance(torch.float32, amax)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        assert_rows_sum_to_one(out, tol)
+
+
+def test_shift_by_a_constant_matches_the_shifted_official():
+    # Logits 1e4 + small: the official overflows; shifting all logits by −1e4 changes nothing mathematically and
+    # makes the official computable, so the kernel on the raw logits must equal it.
+    z = torch.randn(40, 300, dtype=torch.float64) * 0.5
+    assert not torch.isfinite(official_sinkhorn(z + 1e4, 0.04)).all()
+    ref = official_sinkhorn(z, 0.04)
+    out = sinkhorn_knopp(z + 1e4, 0.04)
+    # (z + 1e4)/τ carries an error of about eps·2.5e5 in each argument.
+    assert_targets_close(out, ref, torch.float64, 1e4 / 0.04)
+    out32 = sinkhorn_knopp((z + 1e4).float(), 0.04)
+    ref32 = official_sinkhorn((z.float() + 1e4).double() - 1e4, 0.04)  # same rounded input, computed exactly
+    assert_targets_close(out32, ref32, torch.float32, 1e4 / 0.04)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_sample_gives_uniform_targets(dtype):
+    # N = 1: each prototype's column normalisation over the single sample makes every entry equal.
+    for K in (1, 7, 4099):
+        z = torch.randn(1, K, dtype=dtype) * 3
+        for n_iterations in (1, 3):
+            out = sinkhorn_knopp(z, 0.04, n_iterations)
+            tol = tolerance(dtype, z.abs().max().item() / 0.04, n_iterations)
+            torch.testing.assert_close(out, torch.full((1, K), 1.0 / K, dtype=dtype), rtol=tol, atol=0)
+            torch.testing.assert_close(out.double(), official_sinkhorn(z.double(), 0.04, n_iterations), rtol=tol,
+                                       atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_prototype_gives_ones(dtype):
+    z = torch.randn(9, 1, dtype=dtype) * 3
+    out = sinkhorn_knopp(z, 0.04)
+    assert out.shape == (9, 1)
+    torch.testing.assert_close(out, torch.ones(9, 1, dtype=dtype), rtol=tolerance(dtype, z.abs().max().item() / 0.04),
+                               atol=0)
+
+
+def test_equal_logits_give_uniform_targets():
+    for N, K in ((4, 4), (6, 13), (13, 6)):
+        out = sinkhorn_knopp(torch.full((N, K), 0.3, dtype=torch.float64), 0.05)
+        torch.testing.assert_close(out, torch.full((N, K), 1.0 / K, dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+def test_default_iterations_are_3():
+    z = torch.randn(20, 30, dtype=torch.float64)
+    assert torch.equal(sinkhorn_knopp(z, 0.05), sinkhorn_knopp(z, 0.05, 3))
+    assert not torch.allclose(sinkhorn_knopp(z, 0.05, 1), sinkhorn_knopp(z, 0.05, 3), rtol=1e-6, atol=0)
+
+
+def test_no_gradient_and_inputs_unmodified():
+    z = torch.randn(8, 40, requires_grad=True)
+    z0 = z.detach().clone()
+    out = sinkhorn_knopp(z, 0.04)
+    assert not out.requires_grad
+    assert torch.equal(z.detach(), z0)
+
+
+def test_non_contiguous_inputs():
+    N, K = 30, 70
+    for z in (torch.randn(K, N, dtype=torch.float64).T, torch.randn(2 * N, K, dtype=torch.float64)[::2],
+              torch.randn(N, 3 * K, dtype=torch.float64)[:, 1::3]):
+        assert not z.is_contiguous()
+        assert torch.equal(sinkhorn_knopp(z, 0.04), sinkhorn_knopp(z.contiguous(), 0.04))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_on_cpu_is_upcast(dtype):
+    z = torch.randn(32, 300).to(dtype)
+    out = sinkhorn_knopp(z, 0.04)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sinkhorn_knopp(z.float(), 0.04))
+
+
+def test_torch_compile_fullgraph():
+    def fn(z):
+        return sinkhorn_knopp(z * 2.0, 0.05, 3).reshape(2, -1, z.shape[1]) * 0.5
+
+    compiled = torch.compile(fn, fullgraph=True)
+    z = torch.randn(12, 70)
+    torch.testing.assert_close(compiled(z), fn(z))
+
+
+def test_reference_backend_runs_the_reference():
+    z = torch.randn(6, 12)
+    with dinokernels.use_backend("reference"):
+        out = sinkhorn_knopp(z, 0.04)
+    assert torch.equal(out, sinkhorn_knopp_ref(z, 0.04))
+
+
+def registered(name):
+    ns = torch.ops.dinokernels
+    if not hasattr(ns, name):
+        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
+    return getattr(ns, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    for N, K in [(5, 7), (1, 33), (40, 3)]:
+        torch.library.opcheck(registered("sinkhorn_knopp"), (torch.randn(N, K, dtype=dtype), 0.04, 3))
+
+
+# ---------------------------------------------------------------- bad input
+
+def _with(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+BAD_INPUTS = [  # keyword overrides of a good call (N=4, K=6), exception, argument named, message fragment
+    ({"teacher_logits": torch.randn(6)}, ValueError, "teacher_logits", "2-D"),
+    ({"teacher_logits": torch.randn(2, 2, 6)}, ValueError, "teacher_logits", "2-D"),
+    ({"teacher_logits": torch.randn(0, 6)}, ValueError, "teacher_logits", ""),
+    ({"teacher_logits": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "teacher_logits", ""),
+    ({"teacher_logits": _with(torch.randn(4, 6), (1, 1), float("nan"))}, ValueError, "teacher_logits", "non-finite"),
+    ({"teacher_logits": _with(torch.randn(4, 6), (3, 0), float("inf"))}, ValueError, "teacher_logits", "non-finite"),
+    ({"teacher_temp": 0.0}, ValueError, "teacher_temp", ""),
+    ({"teacher_temp": -0.04}, ValueError, "teacher_temp", ""),
+    ({"teacher_temp": float("nan")}, ValueError, "teacher_temp", ""),
+    ({"n_iterations": 0}, ValueError, "n_iterations", ""),
+    ({"n_iterations": -2}, ValueError, "n_iterations", ""),
+]
+
+
+@pytest.mark.parametrize("override,exc,arg,fragment", BAD_INPUTS)
+def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
+    kwargs = dict(teacher_logits=torch.randn(4, 6), teacher_temp=0.04, n_iterations=3)
+    kwargs.update(override)
+    with pytest.raises(exc, match=f"'{arg}'.*{fragment}") as info:
+        sinkhorn_knopp(**kwargs)
+    assert "dinokernels." in str(info.value)
+
+
+def test_nonfinite_gives_nan_when_check_is_off():
+    z = torch.randn(5, 20)
+    z[2, 3] = float("nan")
+    _config.set_check_finite(False)
+    try:
+        out = sinkhorn_knopp(z, 0.04)
+    finally:
+        _config.set_check_finite(True)
+    assert torch.isnan(out).any()
+
+
+# ---------------------------------------------------------------- CUDA kernel
+
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("N,K", [(512, 65537), (2048, 4099), (3, 7)])
+def test_cuda_matches_float64(N, K, dtype):
+    z = (torch.randn(N, K) * 0.7).to(dtype).cuda()
+    out = sinkhorn_knopp(z, 0.07)
+    assert out.dtype == torch.float32 and out.is_cuda and out.shape == (N, K)
+    own = sinkhorn_knopp_ref(z, 0.07)  # PyTorch in this precision (float32 arithmetic on the 16-bit input)
+    ref64 = official_sinkhorn(z.double().cpu(), 0.07)
+    err = (out.double().cpu() - ref64).abs().max().item()
+    base = (own.double().cpu() - ref64).abs().max().item()
+    # + the float32 rounding floor the CPU float32 tests allow.
+    floor = tolerance(torch.float32, z.abs().max().item() / 0.07) * ref64.abs().max().item()
+    assert err <= 4 * base + floor, f"kernel error {err:.3g}, PyTorch's own {base:.3g}, floor {floor:.3g}"
+    assert_rows_sum_to_one(out, tolerance(torch.float32, z.abs().max().item() / 0.07))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_kernel_huge_logits_and_bad_input():
+    z = torch.randn(300, 5000)
+    torch.testing.assert_close(sinkhorn_knopp(z.cuda(), 0.04).cpu(), sinkhorn_knopp(z, 0.04), rtol=1e-4, atol=1e-9)
+    huge = (torch.rand(64, 777) * 2 - 1) * 1e4
+    out = sinkhorn_knopp(huge.cuda(), 0.04)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), sinkhorn_knopp_ref(huge.double(), 0.04),
+                               rtol=0, atol=tolerance(torch.float32, 1e4 / 0.04))
+    with pytest.raises(ValueError, match="'n_iterations'"):
+        sinkhorn_knopp(z.cuda(), 0.04, 0)
+    bad = z.clone().cuda()
+    bad[5, 5] = float("inf")
+    with pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
+        sinkhorn_knopp(bad, 0.04)
+    torch.library.opcheck(registered("sinkhorn_knopp"), (z[:7, :33].contiguous().cuda(), 0.04, 3))
