@@ -28,10 +28,11 @@ def cases(device, dtypes, shape_list, compile_reference):
                 impls["reference_compiled"] = torch.compile(ibot_patch_loss_ref, dynamic=False)
             for mode in ("fwd", "fwd+bwd"):
                 x = student.clone().requires_grad_(mode == "fwd+bwd")
+                # Bind every input now: the generator moves on before the closures run.
                 if mode == "fwd":
-                    fns = {name: (lambda f=f, x=x: f(x, targets, weights)) for name, f in impls.items()}
+                    fns = {name: (lambda f=f, x=x, p=targets, w=weights: f(x, p, w)) for name, f in impls.items()}
                 else:
-                    fns = {name: (lambda f=f, x=x: torch.autograd.grad(f(x, targets, weights), x))
+                    fns = {name: (lambda f=f, x=x, p=targets, w=weights: torch.autograd.grad(f(x, p, w), x))
                            for name, f in impls.items()}
                 yield {**shape, "dtype": str(dtype).replace("torch.", ""), "mode": mode}, fns
 

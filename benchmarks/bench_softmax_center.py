@@ -24,11 +24,11 @@ def cases(device, dtypes, shape_list, compile_reference):
             z = torch.randn(shape["N"], shape["K"], device=device, dtype=dtype)
             center = torch.randn(1, shape["K"], device=device) * 0.1
             for with_sum in (False, True):
-                impls = {"kernel": lambda z=z, s=with_sum: softmax_center(z, center, TEACHER_TEMP, s),
-                         "reference": lambda z=z, s=with_sum: softmax_center_ref(z, center, TEACHER_TEMP, s)}
+                impls = {"kernel": lambda z=z, c=center, s=with_sum: softmax_center(z, c, TEACHER_TEMP, s),
+                         "reference": lambda z=z, c=center, s=with_sum: softmax_center_ref(z, c, TEACHER_TEMP, s)}
                 if compile_reference:
                     compiled = torch.compile(softmax_center_ref, dynamic=False)
-                    impls["reference_compiled"] = lambda z=z, s=with_sum, c=compiled: c(z, center, TEACHER_TEMP, s)
+                    impls["reference_compiled"] = lambda z=z, m=center, s=with_sum, c=compiled: c(z, m, TEACHER_TEMP, s)
                 yield {**shape, "dtype": str(dtype).replace("torch.", ""), "sum": with_sum}, impls
 
 
