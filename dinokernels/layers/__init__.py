@@ -1,0 +1,5 @@
+"""nn.Modules built on dinokernels.ops: ViT blocks, heads (DESIGN §2: models → layers → ops)."""
+from .dino_head import DINOHead, WeightNormLinear
+from .vit import Attention, Block, DropPath, Mlp, PatchEmbed, drop_path
+
+__all__ = ["Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "drop_path", "DINOHead", "WeightNormLinear"]

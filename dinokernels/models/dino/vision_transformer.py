@@ -1,0 +1,186 @@
+"""DINO v1 Vision Transformers (SPEC §2.2), parameter for parameter facebookresearch/dino vision_transformer.py.
+
+State-dict keys, order and shapes are the official ones (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
+`blocks.{i}.…`, `norm.*`), so the released backbone files load strictly. Output: norm(x)[:, 0], the CLS token.
+
+Differences from the official code, all deliberate:
+* `img_size` may be an int (the official constructor takes a one-element list; both are accepted).
+* Blocks use fused scaled-dot-product attention unless the attention map is asked for (see layers/vit.py).
+* There is no classification head argument: `head` is always nn.Identity and, as officially, forward does not
+  apply it (DINO's backbones are built with num_classes=0).
+* `vit_nano` (embed 128, depth 4, heads 4, patch 4) is ours: the size the CPU demo job trains.
+* `build_backbone` is ours: one entry point for the named ViTs and, lazily, any timm model (`timm:<name>`).
+"""
+import math
+from functools import partial
+from typing import List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...layers import Block, PatchEmbed
+
+__all__ = ["VisionTransformer", "vit_nano", "vit_tiny", "vit_small", "vit_base", "build_backbone", "ARCHS"]
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning the normed CLS token.
+
+    forward(x (B, in_chans, H, W)) -> (B, embed_dim); H and W need not equal img_size (the position embedding is
+    interpolated as officially: bicubic, scale factor (H/p + 0.1)/√N, (W/p + 0.1)/√N, dino issue #8).
+    """
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, *, qk_scale=None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, norm_layer=None):
+        super().__init__()
+        if not isinstance(img_size, int):
+            img_size = int(img_size[0])
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_features = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay
+        self.blocks = nn.ModuleList([
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
+        """Position embedding (1, 1 + N', C) for tokens x (B, 1 + N', C) of an h × w image (official argument
+        order: rows, then columns; the official code calls them w, h)."""
+        npatch = x.shape[1] - 1
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        class_pos_embed = self.pos_embed[:, 0]
+        patch_pos_embed = self.pos_embed[:, 1:]
+        dim = x.shape[-1]
+        side = int(math.sqrt(N))
+        h0 = h // self.patch_embed.patch_size
+        w0 = w // self.patch_embed.patch_size
+        # add a small number to avoid floating point error in the interpolation (dino issue #8)
+        h0, w0 = h0 + 0.1, w0 + 0.1
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(h0 / math.sqrt(N), w0 / math.sqrt(N)),
+            mode="bicubic",
+        )
+        if int(h0) != patch_pos_embed.shape[-2] or int(w0) != patch_pos_embed.shape[-1]:
+            raise RuntimeError(f"dinokernels.VisionTransformer: position embedding interpolated to "
+                               f"{tuple(patch_pos_embed.shape[-2:])}, expected {(int(h0), int(w0))}")
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+    def prepare_tokens(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"dinokernels.VisionTransformer: expected images (B, C, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        B, _, h, w = x.shape
+        p = self.patch_embed.patch_size
+        if h < p or w < p:
+            raise ValueError(f"dinokernels.VisionTransformer: image {h}×{w} is smaller than one {p}×{p} patch")
+        x = self.patch_embed(x)  # (B, N', C)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, h, w)
+        return self.pos_drop(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 0]
+
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """Softmax attention of the last block, (B, num_heads, 1 + N', 1 + N'); row i is token i's query."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)
+
+    def get_intermediate_layers(self, x: Tensor, n: int = 1) -> List[Tensor]:
+        """Normed outputs (B, 1 + N', C) of the last n blocks, earliest first."""
+        x = self.prepare_tokens(x)
+        output = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                output.append(self.norm(x))
+        return output
+
+
+def vit_nano(patch_size: int = 4, **kwargs) -> VisionTransformer:
+    """Ours (not in the official code): the demo size trained on the CPU — embed 128, depth 4, heads 4."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4,
+                             qkv_bias=True, **kwargs)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
+                             qkv_bias=True, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+                             qkv_bias=True, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
+                             qkv_bias=True, **kwargs)
+
+
+ARCHS = {"vit_nano": vit_nano, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0,
+                   img_size: int = 224) -> Tuple[nn.Module, int]:
+    """(backbone, embed_dim) for `arch`: one of ARCHS, or "timm:<name>" for any timm model.
+
+    A timm backbone is timm.create_model(name, pretrained=False, num_classes=0) (plus drop_path_rate when it is
+    non-zero); patch_size and img_size apply to the named ViTs only. timm is imported only here, only then.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(f"dinokernels.build_backbone: arch must be a string, got {type(arch).__name__}")
+    if arch.startswith("timm:"):
+        name = arch[len("timm:"):]
+        if not name:
+            raise ValueError("dinokernels.build_backbone: 'timm:' needs a model name, e.g. 'timm:resnet50'")
+        try:
+            import timm
+        except ImportError as e:
+            raise ImportError(f"dinokernels.build_backbone: arch {arch!r} needs the timm package, which is not "
+                              f"installed; pip install timm") from e
+        kwargs = {"pretrained": False, "num_classes": 0}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        model = timm.create_model(name, **kwargs)
+        return model, int(model.num_features)
+    if arch not in ARCHS:
+        choices = ", ".join(list(ARCHS) + ["timm:<name>"])
+        raise ValueError(f"dinokernels.build_backbone: unknown arch {arch!r}; choose one of {choices}")
+    model = ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate, img_size=img_size)
+    return model, model.embed_dim
