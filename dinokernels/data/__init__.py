@@ -1,0 +1,9 @@
+"""Data for DINO: the multi-crop augmentation, the evaluation transform and the datasets (no torchvision).
+
+All augmentation randomness comes from torch's global RNG; ``torch.manual_seed`` makes it reproducible.
+"""
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, EvalTransform
+from .datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, ImageFolder, collate_multicrop
+
+__all__ = ["DataAugmentationDINO", "EvalTransform", "ImageFolder", "DigitsDataset", "collate_multicrop",
+           "IMAGENET_MEAN", "IMAGENET_STD", "DIGITS_MEAN", "DIGITS_STD"]
