@@ -1,0 +1,237 @@
+"""PretrainConfig: facebookresearch/dino main_dino.py's arguments with their defaults, plus what this package adds
+(data source, output folder, resume, device, precision, crop sizes, head sizes), and the DIGITS preset that the
+no-argument `dinokernels pretrain` runs."""
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ["PretrainConfig", "DIGITS_PRESET", "make_config", "PRECISIONS"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class PretrainConfig:
+    """One DINO pretraining run. The defaults are the official ones (real data, 8 GPUs × 64 images); the built-in
+    digits job uses `make_config()`, which applies DIGITS_PRESET when `data` is None."""
+
+    # ---- model (main_dino.py) ----
+    arch: str = "vit_small"  # vit_nano | vit_tiny | vit_small | vit_base | timm:<name>
+    patch_size: int = 16
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.996
+    use_bn_in_head: bool = False
+    # ---- teacher temperature ----
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0  # the help text says 30; the code's default is 0 (dino PR #285)
+    # ---- optimisation ----
+    # "auto": float16 autocast with loss scaling on CUDA (main_dino.py's use_fp16=True), float32 on the CPU.
+    precision: str = "auto"
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # 0 disables
+    batch_size_per_gpu: int = 64
+    epochs: int = 100
+    freeze_last_layer: int = 1
+    lr: float = 0.0005  # for a total batch of 256; scaled linearly by batch_size_per_gpu·world_size/256
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    optimizer: str = "adamw"  # adamw | sgd
+    drop_path_rate: float = 0.1
+    # ---- multi-crop ----
+    global_crops_scale: Tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_scale: Tuple[float, float] = (0.05, 0.4)
+    blur_radius: Tuple[float, float] = (0.1, 2.0)  # Gaussian blur radius range in pixels (official, for 224px crops)
+    # Per-crop probabilities of the photometric augmentations (official values; tuples: global 1, global 2, local).
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: Tuple[float, float, float] = (1.0, 0.1, 0.5)
+    solarize_p: Tuple[float, float, float] = (0.0, 0.2, 0.0)
+    # ---- misc (main_dino.py) ----
+    seed: int = 0
+    num_workers: Optional[int] = None  # None: min(10, CPU cores − 1) (official: 10)
+    saveckp_freq: int = 20  # also keep checkpoint{epoch:04}.pth every this many epochs (0: never)
+    # ---- added here ----
+    data: Optional[str] = None  # image folder; None: the built-in scikit-learn digits (train split)
+    out: str = "out"
+    resume: Optional[str] = None  # checkpoint path to continue from
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    global_size: int = 224
+    local_size: int = 96
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    # Teacher targets: "centering" (DINO v1: softmax((z − c)/τ_t), c an EMA of the batch means) or "sinkhorn_knopp"
+    # (DINOv2's option: targets balanced over the batch's rows by Sinkhorn-Knopp, the center unused).
+    centering: str = "centering"
+    center_momentum: float = 0.9
+    digits_size: int = 32  # side of the upsampled 8×8 digits images (built-in data only)
+    subset: Optional[int] = None  # train on the first N images only (quick experiments, tests)
+    checkpoint_every: int = 0  # also write checkpoint.pth every this many iterations inside an epoch (0: never)
+    eval_data: Optional[str] = None  # labelled folder with train/ and val/ (or test/) for the k-NN after training
+    eval_resize: Optional[int] = None  # k-NN / probe preprocessing: resize, then centre crop (None: 256/224 as
+    eval_crop: Optional[int] = None    # DINO's eval_knn for real data, global_size for the digits)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    evaluate: bool = True  # after training: k-NN table (digits) and summary.json
+    progress: bool = True  # progress bar on stderr (rank 0)
+
+    def __post_init__(self):
+        self.global_crops_scale = tuple(float(v) for v in self.global_crops_scale)
+        self.local_crops_scale = tuple(float(v) for v in self.local_crops_scale)
+        self.blur_radius = tuple(float(v) for v in self.blur_radius)
+        self.blur_p = tuple(float(v) for v in self.blur_p)
+        self.solarize_p = tuple(float(v) for v in self.solarize_p)
+        problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.centering not in ("centering", "sinkhorn_knopp"):
+            problems.append(f"centering must be centering or sinkhorn_knopp, got {self.centering!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            problems.append(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        for name in ("flip_p", "color_jitter_p", "grayscale_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("blur_p", "solarize_p"):
+            if len(getattr(self, name)) != 3 or not all(0.0 <= v <= 1.0 for v in getattr(self, name)):
+                problems.append(f"{name} must be three probabilities (global 1, global 2, local), got "
+                                f"{getattr(self, name)!r}")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+                problems.append(f"{name} must be two numbers 0 < lo ≤ hi ≤ 1, got {lo_hi!r}")
+        for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_size", "local_size",
+                     "hidden_dim", "bottleneck_dim", "knn_k"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
+        for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                     "saveckp_freq", "checkpoint_every"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be ≥ 0, got {getattr(self, name)!r}")
+        if self.warmup_epochs > self.epochs:
+            problems.append(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
+        if self.warmup_teacher_temp_epochs > self.epochs:
+            problems.append(f"warmup_teacher_temp_epochs ({self.warmup_teacher_temp_epochs}) must not exceed "
+                            f"epochs ({self.epochs})")
+        if not 0.0 <= self.momentum_teacher <= 1.0:
+            problems.append(f"momentum_teacher must be in [0, 1], got {self.momentum_teacher!r}")
+        for name in ("lr", "warmup_teacher_temp", "teacher_temp", "student_temp"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.clip_grad < 0 or self.min_lr < 0 or self.weight_decay < 0 or self.weight_decay_end < 0:
+            problems.append("clip_grad, min_lr, weight_decay and weight_decay_end must be ≥ 0")
+        if self.subset is not None and self.subset < 1:
+            problems.append(f"subset must be ≥ 1, got {self.subset!r}")
+        if problems:
+            raise ValueError("PretrainConfig: " + "; ".join(problems))
+
+    # ---- conversions ----
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (lists for tuples): what checkpoints and summary.json store."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "PretrainConfig":
+        """Inverse of to_dict; unknown keys (from a newer version) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def use_fp16(self) -> bool:
+        """main_dino.py's flag: True when this run trains with float16 autocast."""
+        return self.resolved_precision() == "fp16"
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
+
+    def resolved_num_workers(self) -> int:
+        if self.num_workers is not None:
+            return int(self.num_workers)
+        return min(10, max(0, (os.cpu_count() or 1) - 1))
+
+
+# The built-in job: the scikit-learn digits (1,438 train-split images of 8×8 pixels) upsampled to 16×16, the 4-block
+# vit_nano with 8×8 patches, two 16×16 global crops per image. Sized to finish in about two and a half minutes on two
+# CPU cores, evaluation included, and to learn (README: the numbers it reaches). The loop, loss, schedules, EMA,
+# clipping and freezing are DINO's; what differs from the ImageNet recipe is what a few hundred iterations on a tiny
+# data set need, found by measurement (the official settings collapse here to the uniform distribution, the known
+# small-data failure, dino#246):
+# * no local crops and mild views: crops of 50–100 % of the digit and colour jitter only (a random-init ViT's output
+#   on two strongly augmented views of one digit is less alike than on two different digits, and DINO's
+#   sharpening/centering loop then settles on uniform targets instead of learning the invariance);
+# * no flips, grey-scale, blur or solarisation (meaningless or destructive on 16-pixel grey digits);
+# * a small head (K = 1024), a faster teacher (momentum 0.98 → 1), a 5-epoch warm-up, no stochastic depth.
+DIGITS_PRESET: Dict[str, Any] = dict(
+    arch="vit_nano",
+    patch_size=8,
+    out_dim=1024,
+    hidden_dim=512,
+    bottleneck_dim=128,
+    norm_last_layer=True,
+    momentum_teacher=0.98,
+    warmup_teacher_temp=0.04,
+    teacher_temp=0.04,
+    warmup_teacher_temp_epochs=0,
+    batch_size_per_gpu=64,
+    epochs=50,
+    lr=0.0005,
+    warmup_epochs=5,
+    min_lr=1e-6,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    drop_path_rate=0.0,
+    global_crops_scale=(0.5, 1.0),
+    local_crops_number=0,
+    local_crops_scale=(0.3, 0.6),
+    global_size=16,
+    local_size=8,
+    digits_size=16,
+    flip_p=0.0,
+    color_jitter_p=0.5,
+    grayscale_p=0.0,
+    blur_p=(0.0, 0.0, 0.0),
+    solarize_p=(0.0, 0.0, 0.0),
+    num_workers=0,
+    saveckp_freq=0,
+)
+
+
+def make_config(**overrides) -> PretrainConfig:
+    """A PretrainConfig from the official defaults, with DIGITS_PRESET applied when `data` is None (the built-in
+    data set), then `overrides` (entries that are None are ignored, so argparse results can be passed as is)."""
+    values: Dict[str, Any] = {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("data") is None:
+        values.update(DIGITS_PRESET)
+    values.update(given)
+    # A short run (e.g. `--epochs 1`) keeps working with the preset's warm-ups: they are cut to the run's length
+    # unless they were given explicitly.
+    epochs = values.get("epochs", PretrainConfig.epochs)
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if name not in given and values.get(name, getattr(PretrainConfig, name)) > epochs:
+            values[name] = epochs
+    return PretrainConfig(**values)
+
+

@@ -1,0 +1,476 @@
+"""DINO v1 self-supervised pretraining (facebookresearch/dino main_dino.py, SPEC §2), on one process or under
+torchrun.
+
+The loop is the official one — per-iteration learning-rate (linear scaling rule, warm-up, cosine) and weight-decay
+schedules, the teacher-temperature warm-up inside DINOLoss, per-tensor gradient clipping, the head's last layer
+frozen during the first epoch, the EMA teacher with a cosine momentum schedule, optional bfloat16/float16 autocast
+(float16 with loss scaling) — with these additions:
+
+* the loss is dinokernels.DINOLoss (the fused kernel; the center is all-reduced when distributed);
+* checkpoints are written atomically, hold only tensors and plain data, and carry every RNG state and the position
+  inside the epoch, so a resumed run continues the same curve (bit for bit on the CPU);
+* augmentations are seeded per (seed, epoch, image), so the crops do not depend on workers, processes or resuming;
+* a non-finite loss stops every process with a clear message before the optimiser step, leaving the last
+  checkpoint (written after a finite step) untouched;
+* a progress bar on stderr, log.jsonl (one line per iteration and per epoch) and loss.png at the end.
+"""
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, to_plain
+from .config import PretrainConfig
+from .distributed import (ShardedSampler, get_rank, get_world_size, init_distributed, is_distributed,
+                          is_main_process, local_device, wrap_ddp)
+from .ema import ema_update, unwrap
+from .inputs import SeededTransform, build_pretrain_dataset, normalization
+from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
+from .progress import JsonlLog, ProgressBar, format_seconds
+from .schedules import cosine_scheduler
+
+__all__ = ["train_dino", "build_student_teacher", "NonFiniteLossError", "CHECKPOINT_FORMAT", "forward_views"]
+
+CHECKPOINT_FORMAT = "dinokernels.dino.v1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss (or the network outputs it is computed from) was NaN or infinite."""
+
+
+def _say(message: str) -> None:
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---- model ----
+
+def build_student_teacher(config: PretrainConfig) -> Tuple[nn.Module, nn.Module, int]:
+    """(student, teacher, embed_dim): MultiCropWrapper(backbone, DINOHead) each, as main_dino.py builds them
+    (stochastic depth in the student only; the teacher head with the default norm_last_layer=True), the teacher
+    a copy of the student's weights with requires_grad off."""
+    from ..models.dino import DINOHead, MultiCropWrapper, build_backbone
+
+    student_backbone, embed_dim = build_backbone(config.arch, patch_size=config.patch_size,
+                                                 drop_path_rate=config.drop_path_rate, img_size=config.global_size)
+    teacher_backbone, _ = build_backbone(config.arch, patch_size=config.patch_size, drop_path_rate=0.0,
+                                         img_size=config.global_size)
+    student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, config.out_dim, use_bn=config.use_bn_in_head,
+                                                          norm_last_layer=config.norm_last_layer,
+                                                          hidden_dim=config.hidden_dim,
+                                                          bottleneck_dim=config.bottleneck_dim))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, config.out_dim, use_bn=config.use_bn_in_head,
+                                                          hidden_dim=config.hidden_dim,
+                                                          bottleneck_dim=config.bottleneck_dim))
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, embed_dim
+
+
+def _has_batchnorms(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def forward_views(student: nn.Module, teacher: nn.Module, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(student logits (V·B, K) over all crops, teacher logits (2B, K) over the 2 global crops). A module-level
+    function so that tests can wrap it (fault injection)."""
+    with torch.no_grad():
+        teacher_output = teacher(images[:2])
+    student_output = student(images)
+    return student_output, teacher_output
+
+
+# ---- helpers ----
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _make_scaler(device: torch.device, precision: str):
+    if precision != "fp16":
+        return None
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError, RuntimeError):  # torch < 2.3 has only the CUDA scaler
+        if device.type == "cuda":
+            return torch.cuda.amp.GradScaler()
+        raise ValueError("precision fp16 on the CPU needs torch ≥ 2.3 (torch.amp.GradScaler('cpu')); use bf16 or "
+                         "fp32")
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """True when every tensor is finite on every process (one all-reduce when distributed, so that all processes
+    stop together instead of some waiting forever in a collective)."""
+    bad = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t in tensors:
+        bad = bad + (~torch.isfinite(t.detach())).any().float()
+    if is_distributed():
+        flag = bad.reshape(1).to("cpu" if torch.distributed.get_backend() == "gloo" else bad.device)
+        torch.distributed.all_reduce(flag)
+        bad = flag
+    return float(bad.sum()) == 0.0
+
+
+def _gather_rng_states() -> List[Dict[str, Any]]:
+    state = get_rng_state()
+    if not is_distributed():
+        return [state]
+    states: List[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _state(student, teacher, optimizer, scaler, dino_loss, config, epoch, epoch_iteration, iteration,
+           niter_per_ep, rng_states, extra) -> Dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "student": unwrap(student).state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "fp16_scaler": scaler.state_dict() if scaler is not None else None,
+        "dino_loss": dino_loss.state_dict(),
+        "epoch": int(epoch),  # the epoch to (re)start from
+        "epoch_iteration": int(epoch_iteration),  # iterations of that epoch already done
+        "iteration": int(iteration),  # global iterations done
+        "niter_per_ep": int(niter_per_ep),
+        "world_size": get_world_size(),
+        "config": to_plain(config.to_dict()),
+        "rng": rng_states,
+        "torch_version": str(torch.__version__),
+        **to_plain(extra),
+    }
+
+
+def _save(path: str, *args) -> None:
+    rng_states = _gather_rng_states()  # collective: every rank calls _save
+    if is_main_process():
+        save_checkpoint(_state(*args[:-1], rng_states, args[-1]), path)
+
+
+def _check_resume_config(ckpt_cfg: Dict[str, Any], config: PretrainConfig) -> None:
+    fields = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "norm_last_layer",
+              "local_crops_number", "optimizer")
+    diff = [f"{f}: checkpoint {ckpt_cfg.get(f)!r}, now {getattr(config, f)!r}" for f in fields
+            if f in ckpt_cfg and ckpt_cfg[f] != (list(getattr(config, f)) if isinstance(getattr(config, f), tuple)
+                                                 else getattr(config, f))]
+    if diff:
+        raise ValueError("cannot resume: the checkpoint was trained with a different model or recipe (" +
+                         "; ".join(diff) + "). Resume with the checkpoint's settings (the CLI does this by default).")
+
+
+# ---- training ----
+
+def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None) -> Dict[str, Any]:
+    """Pretrains DINO as `config` says; returns a result dict (paths, iterations, first/last loss, timings and, when
+    evaluated, the k-NN results) that is also written to <out>/summary.json by the main process.
+
+    Raises NonFiniteLossError when the loss is not finite (after the last good checkpoint, nothing is written).
+    Under torchrun (WORLD_SIZE > 1) each process calls this; the process group is created if needed."""
+    wall0 = time.perf_counter()
+    device_name = config.resolved_device()
+    init_distributed(device_name)
+    rank, world = get_rank(), get_world_size()
+    device = local_device(device_name)
+    precision = config.resolved_precision()
+    if device.type == "cpu" and precision == "fp16":
+        _say("note: float16 autocast on the CPU is slow and only useful for testing; bf16 is the CPU's 16-bit type")
+    out = config.out
+    if is_main_process():
+        os.makedirs(out, exist_ok=True)
+    _seed_everything(config.seed + rank)
+
+    # ---- data ----
+    from ..data import DataAugmentationDINO, collate_multicrop
+
+    base, data_desc = build_pretrain_dataset(config)
+    mean, std = normalization(config)
+    transform = DataAugmentationDINO(config.global_crops_scale, config.local_crops_scale, config.local_crops_number,
+                                     config.global_size, config.local_size, mean, std,
+                                     blur_radius=config.blur_radius)
+    transform.flip_p, transform.color_jitter_p, transform.grayscale_p = (config.flip_p, config.color_jitter_p,
+                                                                         config.grayscale_p)
+    transform.blur_p, transform.solarize_p = tuple(config.blur_p), tuple(config.solarize_p)
+    dataset = SeededTransform(base, transform, seed=config.seed)
+    sampler = ShardedSampler(len(dataset), seed=config.seed)
+    batch = config.batch_size_per_gpu
+    niter_per_ep = sampler.num_samples // batch
+    if niter_per_ep == 0:
+        raise ValueError(f"batch_size_per_gpu = {batch} is larger than the {sampler.num_samples} images each of the "
+                         f"{world} process(es) gets per epoch ({data_desc}); lower --batch-size")
+    num_workers = config.resolved_num_workers()
+    loader_gen = torch.Generator()
+    loader_gen.manual_seed(config.seed)  # the loader's own draws (worker seeds) leave the global RNG alone
+    loader = DataLoader(dataset, sampler=sampler, batch_size=batch, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_multicrop,
+                        generator=loader_gen, persistent_workers=False)
+
+    # ---- model, loss, optimiser ----
+    from ..losses import DINOLoss
+
+    student, teacher, embed_dim = build_student_teacher(config)
+    if is_distributed() and _has_batchnorms(student):
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, teacher = student.to(device), teacher.to(device)
+    student = wrap_ddp(student, device)  # DDP broadcasts rank 0's weights to the student of every rank...
+    teacher.load_state_dict(unwrap(student).state_dict())  # ...and every teacher starts from them too
+    dino_loss = DINOLoss(config.out_dim, config.local_crops_number + 2, config.warmup_teacher_temp,
+                         config.teacher_temp, config.warmup_teacher_temp_epochs, config.epochs,
+                         student_temp=config.student_temp, center_momentum=config.center_momentum,
+                         centering=config.centering).to(device)
+    optimizer = build_optimizer(config.optimizer, get_params_groups(student))
+    scaler = _make_scaler(device, precision)
+
+    lr_schedule = cosine_scheduler(config.lr * (batch * world) / 256.0, config.min_lr, config.epochs, niter_per_ep,
+                                   warmup_epochs=config.warmup_epochs)
+    wd_schedule = cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter_per_ep)
+    momentum_schedule = cosine_scheduler(config.momentum_teacher, 1, config.epochs, niter_per_ep)
+
+    # ---- resume ----
+    start_epoch, start_it, resumed_from = 0, 0, None
+    history: Dict[str, Any] = {"first_loss": None}
+    if config.resume:
+        if not os.path.isfile(config.resume):
+            raise FileNotFoundError(f"--resume {config.resume!r}: no such checkpoint")
+        ckpt = load_checkpoint(config.resume, map_location="cpu")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{config.resume} is not a dinokernels pretraining checkpoint (format "
+                             f"{ckpt.get('format')!r}); official DINO weights are loaded with "
+                             f"dinokernels.models.dino.load_official_weights")
+        _check_resume_config(ckpt.get("config", {}), config)
+        if int(ckpt["niter_per_ep"]) != niter_per_ep:
+            raise ValueError(f"cannot resume: the checkpoint has {ckpt['niter_per_ep']} iterations per epoch, this "
+                             f"run {niter_per_ep} (same data, batch size and number of processes are needed)")
+        unwrap(student).load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("fp16_scaler") is not None:
+            scaler.load_state_dict(ckpt["fp16_scaler"])
+        dino_loss.load_state_dict(ckpt["dino_loss"])
+        start_epoch, start_it = int(ckpt["epoch"]), int(ckpt["epoch_iteration"])
+        history["first_loss"] = ckpt.get("first_loss")
+        rng = ckpt.get("rng") or []
+        if len(rng) == world:
+            set_rng_state(rng[rank])
+        else:
+            _say(f"note: the checkpoint was written by {len(rng)} process(es), this run has {world}: RNG states are "
+                 f"re-seeded, so the continuation is not bit-identical")
+            _seed_everything(config.seed + rank + 1000003 * (start_epoch + 1))
+        resumed_from = os.path.abspath(config.resume)
+
+    total_iters = config.epochs * niter_per_ep
+    iteration = start_epoch * niter_per_ep + start_it
+    ckpt_path = os.path.join(out, "checkpoint.pth")
+    log = JsonlLog(os.path.join(out, "log.jsonl") if is_main_process() else None)
+    if resumed_from is not None:
+        log.truncate_after(iteration)
+    elif is_main_process() and os.path.exists(os.path.join(out, "log.jsonl")):
+        os.remove(os.path.join(out, "log.jsonl"))
+    n_params = sum(p.numel() for p in unwrap(student).parameters())
+    _say(f"DINO pretraining: {config.arch}/{config.patch_size} ({n_params / 1e6:.2f}M parameters with the head, "
+         f"K = {config.out_dim}) on {device}{f' × {world} processes' if world > 1 else ''}, {precision}; "
+         f"{data_desc}; {config.epochs} epochs × {niter_per_ep} iterations of {batch}"
+         f"{f'×{world}' if world > 1 else ''} images, 2×{config.global_size}px"
+         + (f" + {config.local_crops_number}×{config.local_size}px" if config.local_crops_number else "")
+         + " crops" + (f"; resuming at epoch {start_epoch}, iteration {iteration}" if resumed_from else ""))
+
+    progress = ProgressBar(total_iters, start_iter=iteration, enabled=config.progress and is_main_process())
+    extra = lambda: {"first_loss": history["first_loss"]}  # noqa: E731
+    ckpt_args = lambda e, ei: (student, teacher, optimizer, scaler, dino_loss, config, e, ei, iteration,  # noqa: E731
+                               niter_per_ep, extra())
+    train_t0 = time.perf_counter()
+    images_seen = 0
+    last_loss = None
+    epoch_losses: List[float] = []
+    student.train()
+    teacher.train()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            first = start_it if epoch == start_epoch else 0
+            sampler.set_start(first * batch)
+            loss_sum, loss_n = 0.0, 0
+            teacher_temp = float(dino_loss.teacher_temp_schedule[epoch])
+            rate_t0, rate_imgs = time.perf_counter(), 0
+            for it_in_epoch, (images, _) in enumerate(loader, start=first):
+                it = epoch * niter_per_ep + it_in_epoch
+                for i, group in enumerate(optimizer.param_groups):
+                    group["lr"] = float(lr_schedule[it])
+                    if i == 0:  # only the first group is regularised
+                        group["weight_decay"] = float(wd_schedule[it])
+                images = [im.to(device, non_blocking=True) for im in images]
+                with _autocast(device, precision):
+                    student_output, teacher_output = forward_views(student, teacher, images)
+                if device.type == "cpu":  # the CPU loss kernels take float32/float64
+                    student_output, teacher_output = student_output.float(), teacher_output.float()
+                if not _all_finite(student_output, teacher_output):
+                    raise NonFiniteLossError(_nonfinite_message("the network outputs are", epoch, it, ckpt_path,
+                                                                precision))
+                entropies = _batch_entropies(teacher_output, dino_loss.center, teacher_temp)
+                loss = dino_loss(student_output, teacher_output, epoch)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(_nonfinite_message(f"the loss is {loss_value}", epoch, it, ckpt_path,
+                                                                precision))
+
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    if config.clip_grad:
+                        clip_gradients(student, config.clip_grad)
+                    cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    if config.clip_grad:
+                        scaler.unscale_(optimizer)  # clip the true gradients
+                        clip_gradients(student, config.clip_grad)
+                    cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+                    scaler.step(optimizer)
+                    scaler.update()
+                m = float(momentum_schedule[it])
+                ema_update(teacher, student, m)
+
+                iteration = it + 1
+                if history["first_loss"] is None:
+                    history["first_loss"] = loss_value
+                last_loss = loss_value
+                loss_sum += loss_value
+                loss_n += 1
+                images_seen += batch * world
+                rate_imgs += batch * world
+                now = time.perf_counter()
+                rate = rate_imgs / max(now - rate_t0, 1e-9)
+                lr_now = optimizer.param_groups[0]["lr"]
+                wd_now = optimizer.param_groups[0]["weight_decay"]
+                log.write({"kind": "iter", "iteration": iteration, "epoch": epoch, "loss": loss_value, "lr": lr_now,
+                           "wd": wd_now, "momentum": m, "teacher_temp": teacher_temp,
+                           "teacher_entropy": entropies[0], "teacher_mean_entropy": entropies[1],
+                           "images_per_s": rate, "time": now - train_t0})
+                progress.update(iteration, epoch, config.epochs,
+                                {"loss": loss_value, "lr": lr_now, "m": m, "img/s": rate},
+                                force=it_in_epoch == niter_per_ep - 1)
+                if (config.checkpoint_every and iteration % config.checkpoint_every == 0
+                        and it_in_epoch + 1 < niter_per_ep):
+                    _save(ckpt_path, *ckpt_args(epoch, it_in_epoch + 1))
+
+            # ---- end of epoch ----
+            epoch_loss = _mean_over_processes(loss_sum, loss_n, device)
+            epoch_losses.append(epoch_loss)
+            log.write({"kind": "epoch", "iteration": iteration, "epoch": epoch, "epoch_loss": epoch_loss,
+                       "time": time.perf_counter() - train_t0})
+            _save(ckpt_path, *ckpt_args(epoch + 1, 0))
+            if config.saveckp_freq and epoch % config.saveckp_freq == 0:
+                _save(os.path.join(out, f"checkpoint{epoch:04}.pth"), *ckpt_args(epoch + 1, 0))
+    finally:
+        progress.close()
+        log.close()
+    train_seconds = time.perf_counter() - train_t0
+
+    result: Dict[str, Any] = {
+        "out": os.path.abspath(out), "checkpoint": os.path.abspath(ckpt_path),
+        "log": os.path.abspath(os.path.join(out, "log.jsonl")), "loss_png": None,
+        "iterations": iteration, "epochs": config.epochs, "niter_per_ep": niter_per_ep, "world_size": world,
+        "device": str(device), "precision": precision, "resumed_from": resumed_from,
+        "first_loss": history["first_loss"], "final_loss": last_loss, "epoch_losses": epoch_losses,
+        "train_seconds": train_seconds, "images_per_s": images_seen / train_seconds if images_seen else None,
+        "config": to_plain(config.to_dict()),
+    }
+    if is_main_process():
+        result["loss_png"] = _loss_png(out)
+        _say(f"trained {iteration - (start_epoch * niter_per_ep + start_it)} iterations in "
+             f"{format_seconds(train_seconds)}; loss {history['first_loss']:.4f} → {last_loss:.4f}"
+             if last_loss is not None else "nothing to train: the checkpoint is at the last epoch")
+
+    do_eval = config.evaluate if evaluate is None else evaluate
+    if do_eval and is_main_process():
+        from ..eval.report import evaluate_pretraining
+
+        result.update(evaluate_pretraining(config, unwrap(teacher), dino_loss.center, device))
+    result["wall_seconds"] = time.perf_counter() - wall0
+    if is_main_process():
+        import json
+
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(_jsonable(result), f, indent=2)
+    if is_distributed():
+        torch.distributed.barrier()
+    return result
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@torch.no_grad()
+def _batch_entropies(teacher_output: Tensor, center: Tensor, temp: float) -> Tuple[float, float]:
+    """(mean entropy of this batch's teacher targets, entropy of their mean) in nats — the collapse monitor
+    (ln K: uniform targets; H(mean) → 0: one prototype for everything). Targets by the softmax_center kernel."""
+    from ..ops import softmax_center
+
+    z = teacher_output.detach().float().contiguous()
+    p = softmax_center(z, center.detach().float().reshape(1, -1).contiguous(), temp)
+    h = -(p * torch.log(p.clamp_min(1e-30))).sum(1).mean()
+    mean_p = p.mean(0)
+    hm = -(mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
+    return float(h), float(hm)
+
+
+def _mean_over_processes(total: float, n: int, device: torch.device) -> float:
+    if is_distributed():
+        t = torch.tensor([total, float(n)], dtype=torch.float64,
+                         device="cpu" if torch.distributed.get_backend() == "gloo" else device)
+        torch.distributed.all_reduce(t)
+        total, n = float(t[0]), int(t[1])
+    return total / n if n else float("nan")
+
+
+def _nonfinite_message(what: str, epoch: int, it: int, ckpt_path: str, precision: str) -> str:
+    have = os.path.isfile(ckpt_path)
+    advice = ["lower --lr", "keep --clip-grad on (3.0)"]
+    if precision == "fp16":
+        advice.insert(0, "use --precision bf16 or fp32 (float16 overflows are the usual cause: dino#58)")
+    return (f"{what} not finite at epoch {epoch}, iteration {it}: training stopped before the optimiser step. "
+            + (f"The last good checkpoint is {ckpt_path} (resume with --resume {ckpt_path}). " if have else
+               "No checkpoint had been written yet. ") + "Try: " + "; ".join(advice) + ".")
+
+
+def _loss_png(out: str) -> Optional[str]:
+    from .plot import plot_curve
+
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    records = [r for r in JsonlLog.read(path) if r.get("kind") == "iter"]
+    if not records:
+        return None
+    png = os.path.join(out, "loss.png")
+    plot_curve([r["iteration"] for r in records], [r["loss"] for r in records], png,
+               title=f"DINO loss ({len(records)} iterations)")
+    return os.path.abspath(png)
+
