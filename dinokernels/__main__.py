@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     info = commands.add_parser("info", help="print build information and whether kernels and the GPU are usable")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(run=_info)
+    from .cli import add_commands
+
+    add_commands(commands)  # pretrain, knn, attention
     args = parser.parse_args(argv)
     return args.run(args)
 
