@@ -27,17 +27,28 @@ void column_sum_cpu(std::uintptr_t z,    // (N, K) dtype
                     std::uintptr_t out,  // (K,) dtype
                     int num_threads);
 
+// CUDA rows longer than kChunk columns are split over several blocks (see softmax_center_cuda.cu).
+constexpr int64_t kChunk = 4096;
+
+// Bytes of device workspace forward_cuda needs: one (max, Σexp) float pair per chunk of each row, when split.
+inline int64_t workspace_bytes_cuda(int64_t n, int64_t k) {
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  return chunks > 1 ? n * chunks * 2 * int64_t(sizeof(float)) : 0;
+}
+
 // CUDA: z float32/float16/bfloat16, center float32, out float32. The count of non-finite rows is added to the
 // device int32 `nonfinite` (zeroed here).
 void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n, int64_t k, double teacher_temp,
-                  std::uintptr_t out, std::uintptr_t nonfinite, int device_index, std::uintptr_t stream);
+                  std::uintptr_t out, std::uintptr_t nonfinite,
+                  std::uintptr_t workspace, int64_t workspace_bytes,  // workspace_bytes_cuda(n, k), 8-byte aligned
+                  int device_index, std::uintptr_t stream);
 void column_sum_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k,
                      std::uintptr_t out,  // (K,) float32
                      int device_index, std::uintptr_t stream);
 
 #ifndef DK_WITH_CUDA
 inline void forward_cuda(std::uintptr_t, std::uintptr_t, int, int64_t, int64_t, double, std::uintptr_t,
-                         std::uintptr_t, int, std::uintptr_t) {
+                         std::uintptr_t, std::uintptr_t, int64_t, int, std::uintptr_t) {
   cuda::throw_not_compiled("softmax_center_cuda");
 }
 inline void column_sum_cuda(std::uintptr_t, int, int64_t, int64_t, std::uintptr_t, int, std::uintptr_t) {

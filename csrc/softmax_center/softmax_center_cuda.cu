@@ -1,6 +1,10 @@
-// CUDA softmax_center: one block per row. Pass 1 folds a = (z − c)/τ into per-thread online (max, Σexp) pairs
-// merged over the block; pass 2 (the row is now in L2) writes exp(a − LSE). The column sum is its own kernel:
-// one thread per column walks the rows in order (deterministic, coalesced across the warp).
+// CUDA softmax_center. A row of at most kChunk columns is one block: pass 1 folds a = (z − c)/τ into per-thread
+// online (max, Σexp) pairs merged over the block; pass 2 (the row is now in L2) writes exp(a − LSE). Longer rows
+// are split over several blocks, since one block per row left most SMs idle at DINO's shapes (N = 64 rows of
+// K = 65,536 on 132 SMs ran at 5 % of copy bandwidth): a stats kernel writes each chunk's (max, Σexp) to the
+// workspace, then every block of the row merges its row's pairs (in chunk order, so deterministic) and writes its
+// chunk. The column sum is its own kernel: one thread per column walks the rows in order (deterministic,
+// coalesced across the warp).
 #include "../common/dk_cuda.cuh"
 #include "softmax_center.h"
 
@@ -31,6 +35,46 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
+    chunk_stats_kernel(const T* __restrict__ z,            // (N, K)
+                       const float* __restrict__ center,   // (K,)
+                       int64_t k, float inv_temp,
+                       float2* __restrict__ stats) {       // (N, chunks): (max, Σexp) of each chunk
+  __shared__ float scratch[64];
+  // blockIdx.x = row (up to 2^31 - 1), blockIdx.y = chunk.
+  const int64_t begin = int64_t(blockIdx.y) * kChunk, end = begin + kChunk < k ? begin + kChunk : k;
+  const T* x = z + int64_t(blockIdx.x) * k;
+  float m = -INFINITY, s = 0.f;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
+    online_add(m, s, __fmul_rn(to_float(x[j]) - center[j], inv_temp));
+  block_merge_max_sum(m, s, scratch);
+  if (threadIdx.x == 0) stats[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = make_float2(m, s);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    chunk_write_kernel(const T* __restrict__ z,             // (N, K)
+                       const float* __restrict__ center,    // (K,)
+                       int64_t k, float inv_temp,
+                       const float2* __restrict__ stats,    // (N, chunks)
+                       float* __restrict__ out,             // (N, K)
+                       int* __restrict__ nonfinite) {
+  __shared__ float scratch[64];
+  const float2* row_stats = stats + int64_t(blockIdx.x) * gridDim.y;
+  // Thread t merges chunks t, t + kThreads, ... in order; the block merge is a fixed tree: same LSE in every block.
+  float m = -INFINITY, s = 0.f;
+  for (int c = threadIdx.x; c < int(gridDim.y); c += kThreads) merge_max_sum(m, s, row_stats[c].x, row_stats[c].y);
+  block_merge_max_sum(m, s, scratch);
+  const float lse = m + logf(s);
+  if (blockIdx.y == 0 && threadIdx.x == 0 && !isfinite(lse)) atomicAdd(nonfinite, 1);
+  const int64_t begin = int64_t(blockIdx.y) * kChunk, end = begin + kChunk < k ? begin + kChunk : k;
+  const T* x = z + int64_t(blockIdx.x) * k;
+  float* y = out + int64_t(blockIdx.x) * k;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
+    y[j] = expf(__fmul_rn(to_float(x[j]) - center[j], inv_temp) - lse);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
     column_sum_kernel(const T* __restrict__ z, int64_t n, int64_t k, float* __restrict__ out) {
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= k) return;
@@ -49,7 +93,8 @@ void check_common(std::uintptr_t z, int64_t n, int64_t k) {
 }  // namespace
 
 void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n, int64_t k, double teacher_temp,
-                  std::uintptr_t out, std::uintptr_t nonfinite, int device_index, std::uintptr_t stream) {
+                  std::uintptr_t out, std::uintptr_t nonfinite, std::uintptr_t workspace, int64_t workspace_bytes,
+                  int device_index, std::uintptr_t stream) {
   check_common(z, n, k);
   if (n > 0) check_pointer(as_ptr<void>(out), kOp, "out");
   check_pointer(as_ptr<void>(center), kOp, "center");
@@ -60,11 +105,27 @@ void forward_cuda(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t n,
   cudaStream_t s = cuda::as_stream(stream);
   cuda::check(cudaMemsetAsync(as_ptr<int>(nonfinite), 0, sizeof(int), s), kOp, "cudaMemsetAsync");
   if (n == 0) return;
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  DK_CHECK_ARG(chunks <= 65535, kOp, "teacher_logits", "has more than 65,535 x ", kChunk, " columns: ", k);
+  if (chunks > 1) {
+    DK_CHECK_ARG(workspace_bytes >= workspace_bytes_cuda(n, k), kOp, "workspace", "holds ", workspace_bytes,
+                 " bytes, needs ", workspace_bytes_cuda(n, k));
+    check_pointer(as_ptr<void>(workspace), kOp, "workspace");
+  }
+  const float inv_temp = float(1.0 / teacher_temp);
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    softmax_center_kernel<T><<<unsigned(n), kThreads, 0, s>>>(as_ptr<const T>(z), as_ptr<const float>(center), k,
-                                                              float(1.0 / teacher_temp), as_ptr<float>(out),
-                                                              as_ptr<int>(nonfinite));
+    if (chunks == 1) {
+      softmax_center_kernel<T><<<unsigned(n), kThreads, 0, s>>>(as_ptr<const T>(z), as_ptr<const float>(center), k,
+                                                                inv_temp, as_ptr<float>(out), as_ptr<int>(nonfinite));
+      return;
+    }
+    const dim3 grid{unsigned(n), unsigned(chunks)};
+    chunk_stats_kernel<T><<<grid, kThreads, 0, s>>>(as_ptr<const T>(z), as_ptr<const float>(center), k, inv_temp,
+                                                    as_ptr<float2>(workspace));
+    chunk_write_kernel<T><<<grid, kThreads, 0, s>>>(as_ptr<const T>(z), as_ptr<const float>(center), k, inv_temp,
+                                                    as_ptr<const float2>(workspace), as_ptr<float>(out),
+                                                    as_ptr<int>(nonfinite));
   });
   cuda::check_launch(kOp);
 }

@@ -63,8 +63,11 @@ def softmax_center_op(teacher_logits: Tensor, center: Tensor, teacher_temp: floa
         with torch.cuda.device(device):
             flag = teacher_logits.new_zeros((), dtype=torch.int32)
             if n > 0:
+                nbytes = _ext.module().softmax_center_workspace_bytes_cuda(n, k)
+                ws = D.workspace(nbytes, teacher_logits.device)
                 _ext.kernel(op, "cuda")(teacher_logits.data_ptr(), center.data_ptr(), code, n, k,
-                                        float(teacher_temp), probs.data_ptr(), flag.data_ptr(), device, stream)
+                                        float(teacher_temp), probs.data_ptr(), flag.data_ptr(), ws.data_ptr(),
+                                        nbytes, device, stream)
             if return_sum:
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher_logits.data_ptr(), code, n, k,
                                                                  column_sum.data_ptr(), device, stream)

@@ -304,3 +304,24 @@ def test_cuda_matches_cpu_kernel_and_bad_input():
     with pytest.raises(ValueError, match="'center'.*non-finite"):
         softmax_center(z.cuda(), bad, 0.07)
     torch.library.opcheck(registered("softmax_center"), (z[:5, :33].contiguous().cuda(), c[:33].cuda(), 0.04, True))
+
+
+@pytest.mark.cuda
+def test_cuda_rows_split_over_blocks():
+    """Rows longer than one block's chunk (4096) are split over blocks: the row maximum far from the first chunk,
+    logits of ±1e4, a NaN in a later chunk, and chunk counts of 2, 3 and 17 (K = 4097, 12289, 65537)."""
+    for k in (4097, 12289, 65537):
+        z = (torch.rand(5, k) * 2 - 1) * 1e4
+        z[1, -1] = 2e4  # the maximum of row 1 in its last chunk
+        z[2] = -1e4
+        z[2, k // 2] = 0.0  # row 2: one dominant column in a middle chunk
+        c = torch.randn(k)
+        probs_cpu = softmax_center(z, c, 0.04)
+        probs_gpu = softmax_center(z.cuda(), c.cuda(), 0.04)
+        assert torch.isfinite(probs_gpu).all()
+        torch.testing.assert_close(probs_gpu.cpu(), probs_cpu, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(probs_gpu.sum(1).cpu(), torch.ones(5), rtol=1e-4, atol=1e-4)
+        bad = z.clone()
+        bad[3, k - 2] = float("nan")
+        with pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
+            softmax_center(bad.cuda(), c.cuda(), 0.04)
