@@ -1,0 +1,106 @@
+// Matching cost on the CPU. Per image, only the tokens that some valid target uses ("active" tokens: the union
+// of the positive maps' supports, typically a few dozen of 256) enter the class cost, so the focal terms
+// (one exp, two logs each) are evaluated for B·Q·|active| logits instead of B·Q·T. Then OpenMP over (b, q)
+// rows; each row is written once.
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "matching_cost.h"
+#include "matching_cost_math.h"
+
+namespace dk {
+namespace matching_cost {
+namespace {
+
+constexpr const char* kOp = "matching_cost";
+
+template <typename S>
+struct ImageTokens {
+  std::vector<int64_t> active;  // token indices used by a valid target
+  std::vector<S> weights;       // (n_b, |active|): m[g, t] / Σ_t m[g, t], 0 for an all-zero map
+};
+
+template <typename S>
+void run(const S* logits, const S* pred_boxes, const S* tgt_boxes, const int64_t* counts, const S* map, int64_t B,
+         int64_t Q, int64_t T, int64_t G, S w_class, S w_bbox, S w_giou, S alpha, S gamma, S pad, S* out,
+         int num_threads) {
+  std::vector<ImageTokens<S>> images(static_cast<size_t>(B));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t b = 0; b < B; ++b) {
+    ImageTokens<S>& img = images[size_t(b)];
+    const int64_t n = counts[b];
+    const S* mb = map + b * G * T;
+    for (int64_t t = 0; t < T; ++t) {
+      bool used = false;
+      for (int64_t g = 0; g < n && !used; ++g) used = mb[g * T + t] != S(0);
+      if (used) img.active.push_back(t);
+    }
+    const int64_t a = int64_t(img.active.size());
+    img.weights.assign(size_t(n * a), S(0));
+    for (int64_t g = 0; g < n; ++g) {
+      S sum = S(0);
+      for (int64_t t = 0; t < T; ++t) sum += mb[g * T + t];
+      for (int64_t k = 0; k < a; ++k) img.weights[size_t(g * a + k)] = safe_div(mb[g * T + img.active[size_t(k)]], sum);
+    }
+  }
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<S> d(static_cast<size_t>(T));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < B * Q; ++row) {
+      const int64_t b = row / Q;
+      const ImageTokens<S>& img = images[size_t(b)];
+      const int64_t n = counts[b], a = int64_t(img.active.size());
+      const S* z = logits + row * T;
+      for (int64_t k = 0; k < a; ++k) d[size_t(k)] = focal_pos_minus_neg<S>(z[img.active[size_t(k)]], alpha, gamma);
+      const S* pb = pred_boxes + row * 4;
+      S* o = out + row * G;
+      for (int64_t g = 0; g < n; ++g) {
+        const S* w = img.weights.data() + g * a;
+        S cls = S(0);
+        for (int64_t k = 0; k < a; ++k) cls += d[size_t(k)] * w[k];
+        S l1, giou;
+        box_costs<S>(pb, tgt_boxes + (b * G + g) * 4, l1, giou);
+        o[g] = w_bbox * l1 + w_class * cls - w_giou * giou;
+      }
+      for (int64_t g = n; g < G; ++g) o[g] = pad;
+    }
+  }
+}
+
+}  // namespace
+
+void matching_cost_cpu(std::uintptr_t pred_logits, std::uintptr_t pred_boxes, std::uintptr_t tgt_boxes,
+                       std::uintptr_t tgt_counts, std::uintptr_t positive_map, int dtype, int64_t B, int64_t Q,
+                       int64_t T, int64_t G, double w_class, double w_bbox, double w_giou, double alpha,
+                       double gamma, double pad_value, std::uintptr_t out, int num_threads) {
+  check_sizes(kOp, B, Q, T, G, alpha, gamma);
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "pred_logits");
+  if (B * Q == 0) return;
+  for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"}, {tgt_counts, "tgt_counts"},
+                           {out, "out"}})
+    check_pointer(as_ptr<void>(ptr), kOp, name);
+  const int64_t* counts = as_ptr<const int64_t>(tgt_counts);
+  for (int64_t b = 0; b < B; ++b)
+    DK_CHECK_ARG(counts[b] >= 0 && counts[b] <= G, kOp, "tgt_counts", "entry ", b, " is ", counts[b],
+                 ", must be in [0, G=", G, "]");
+  if (G > 0) {
+    check_pointer(as_ptr<void>(tgt_boxes), kOp, "tgt_boxes");
+    check_pointer(as_ptr<void>(positive_map), kOp, "positive_map");
+  }
+  num_threads = std::max(1, num_threads);
+  if (dtype == kFloat32)
+    run<float>(as_ptr<const float>(pred_logits), as_ptr<const float>(pred_boxes), as_ptr<const float>(tgt_boxes),
+               counts, as_ptr<const float>(positive_map), B, Q, T, G, float(w_class), float(w_bbox), float(w_giou),
+               float(alpha), float(gamma), float(pad_value), as_ptr<float>(out), num_threads);
+  else
+    run<double>(as_ptr<const double>(pred_logits), as_ptr<const double>(pred_boxes), as_ptr<const double>(tgt_boxes),
+                counts, as_ptr<const double>(positive_map), B, Q, T, G, w_class, w_bbox, w_giou, alpha, gamma,
+                pad_value, as_ptr<double>(out), num_threads);
+}
+
+}  // namespace matching_cost
+}  // namespace dk
