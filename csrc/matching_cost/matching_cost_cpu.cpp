@@ -79,18 +79,16 @@ void matching_cost_cpu(std::uintptr_t pred_logits, std::uintptr_t pred_boxes, st
                        double gamma, double pad_value, std::uintptr_t out, int num_threads) {
   check_sizes(kOp, B, Q, T, G, alpha, gamma);
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "pred_logits");
-  if (B * Q == 0) return;
-  for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"}, {tgt_counts, "tgt_counts"},
-                           {out, "out"}})
-    check_pointer(as_ptr<void>(ptr), kOp, name);
+  if (B == 0) return;
+  check_pointer(as_ptr<void>(tgt_counts), kOp, "tgt_counts");
   const int64_t* counts = as_ptr<const int64_t>(tgt_counts);
   for (int64_t b = 0; b < B; ++b)
     DK_CHECK_ARG(counts[b] >= 0 && counts[b] <= G, kOp, "tgt_counts", "entry ", b, " is ", counts[b],
                  ", must be in [0, G=", G, "]");
-  if (G > 0) {
-    check_pointer(as_ptr<void>(tgt_boxes), kOp, "tgt_boxes");
-    check_pointer(as_ptr<void>(positive_map), kOp, "positive_map");
-  }
+  if (Q == 0 || G == 0) return;  // empty output
+  for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"}, {out, "out"},
+                           {tgt_boxes, "tgt_boxes"}, {positive_map, "positive_map"}})
+    check_pointer(as_ptr<void>(ptr), kOp, name);
   num_threads = std::max(1, num_threads);
   if (dtype == kFloat32)
     run<float>(as_ptr<const float>(pred_logits), as_ptr<const float>(pred_boxes), as_ptr<const float>(tgt_boxes),
