@@ -153,7 +153,11 @@ void linear_sum_assignment_cpu(std::uintptr_t cost, int dtype, int64_t B, int64_
     check_pointer(as_ptr<void>(rows_out), kOp, "rows_out");
     check_pointer(as_ptr<void>(cols_out), kOp, "cols_out");
   }
-  num_threads = std::max(1, std::min<int>(num_threads, int(std::min<int64_t>(B, 1 << 20))));
+  // Threads only for enough work (≈ Σ n·m·min(n, m), 2M ≈ 0.3 ms per thread): waking a team for a few
+  // 50 µs problems costs more than it saves, and much more when the cores are shared with other processes.
+  double work = 0;
+  for (int64_t b = 0; b < B; ++b) work += double(nr[b]) * double(nc[b]) * double(std::min(nr[b], nc[b]));
+  num_threads = int(std::max<double>(1, std::min<double>({double(num_threads), double(B), work / double(1 << 21)})));
   if (dtype == kFloat32)
     run<float>(as_ptr<const float>(cost), B, N, M, nr, nc, as_ptr<int64_t>(rows_out), as_ptr<int64_t>(cols_out),
                as_ptr<int32_t>(status), num_threads);

@@ -89,7 +89,9 @@ void matching_cost_cpu(std::uintptr_t pred_logits, std::uintptr_t pred_boxes, st
   for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"}, {out, "out"},
                            {tgt_boxes, "tgt_boxes"}, {positive_map, "positive_map"}})
     check_pointer(as_ptr<void>(ptr), kOp, name);
-  num_threads = std::max(1, num_threads);
+  // Threads only for enough work (≈ 64K row × (token + target) units per thread, ~0.2 ms).
+  const double work = double(B) * double(Q) * double(T / 8 + G);
+  num_threads = int(std::max<double>(1, std::min<double>(double(num_threads), work / 65536.0)));
   if (dtype == kFloat32)
     run<float>(as_ptr<const float>(pred_logits), as_ptr<const float>(pred_boxes), as_ptr<const float>(tgt_boxes),
                counts, as_ptr<const float>(positive_map), B, Q, T, G, float(w_class), float(w_bbox), float(w_giou),
