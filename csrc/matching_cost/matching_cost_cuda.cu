@@ -74,8 +74,9 @@ void matching_cost_cuda(std::uintptr_t pred_logits, std::uintptr_t pred_boxes, s
   check_sizes(kOp, B, Q, T, G, alpha, gamma);
   cuda::prepare_device(kOp, device_index);
   if (B * Q == 0 || G == 0) return;
-  for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"}, {tgt_counts, "tgt_counts"},
-                           {out, "out"}, {tgt_boxes, "tgt_boxes"}, {positive_map, "positive_map"}})
+  for (auto [ptr, name] : {std::pair{pred_logits, "pred_logits"}, {pred_boxes, "pred_boxes"},
+                           {tgt_counts, "tgt_counts"}, {out, "out"}, {tgt_boxes, "tgt_boxes"},
+                           {positive_map, "positive_map"}})
     check_pointer(as_ptr<void>(ptr), kOp, name);
   DK_CHECK_ARG(B * Q < (int64_t(1) << 31), kOp, "pred_logits", "has too many rows B·Q=", B * Q);
   const Params p{Q, T, G, float(w_class), float(w_bbox), float(w_giou), float(alpha), float(gamma), float(pad_value)};
