@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/dk_cpu_simd.h"
 #include "matching_cost.h"
 #include "matching_cost_math.h"
 
@@ -16,6 +17,75 @@ namespace matching_cost {
 namespace {
 
 constexpr const char* kOp = "matching_cost";
+
+using VF = cpu::Simd<float>::vec;
+constexpr int kLanes = cpu::Simd<float>::kLanes;
+
+// Lane-wise natural log of positive normal floats (here p + 1e-8 ∈ [1e-8, 1 + 1e-8]): Cephes logf's reduction
+// to m ∈ [√½, √2) and its degree-8 polynomial (≈1 ulp). NaN propagates.
+inline VF vlog_positive(VF x) {
+  typedef int32_t IV __attribute__((vector_size(cpu::kVecBytes)));
+  IV bits;
+  std::memcpy(&bits, &x, sizeof(VF));
+  IV e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  VF m;
+  std::memcpy(&m, &bits, sizeof(VF));
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const VF fe = __builtin_convertvector(e, VF);
+  const VF z = m * m;
+  VF y = cpu::Simd<float>::splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  const VF r = m + y + fe * 0.693359375f;
+  return x != x ? x : r;
+}
+
+// focal_pos_minus_neg of kLanes logits at once (float, γ = 2): the same formula as the scalar version.
+inline VF focal_pos_minus_neg_vec(VF x, float alpha) {
+  const VF zero{};
+  const VF ax = x < zero ? -x : x;
+  const VF e = cpu::vexp(-ax);
+  const VF inv = 1.0f / (1.0f + e);
+  const auto nonneg = x >= zero;
+  const VF p = nonneg ? inv : e * inv;
+  const VF q = nonneg ? e * inv : inv;
+  const VF pos = alpha * (q * q) * -vlog_positive(p + 1e-8f);
+  const VF neg = (1.0f - alpha) * (p * p) * -vlog_positive(q + 1e-8f);
+  return pos - neg;
+}
+
+// d[k] = focal (pos − neg) of the logits z[active[k]], k < a; d and the gather buffer hold ≥ a rounded up to lanes.
+template <typename S>
+inline void focal_row(const S* z, const int64_t* active, int64_t a, S alpha, S gamma, S* d, S* gathered) {
+  for (int64_t k = 0; k < a; ++k) d[k] = focal_pos_minus_neg<S>(z[active[k]], alpha, gamma);
+  (void)gathered;
+}
+
+template <>
+inline void focal_row<float>(const float* z, const int64_t* active, int64_t a, float alpha, float gamma, float* d,
+                             float* gathered) {
+  if (gamma != 2.0f) {
+    for (int64_t k = 0; k < a; ++k) d[k] = focal_pos_minus_neg<float>(z[active[k]], alpha, gamma);
+    return;
+  }
+  const int64_t padded = (a + kLanes - 1) / kLanes * kLanes;
+  for (int64_t k = 0; k < a; ++k) gathered[k] = z[active[k]];
+  for (int64_t k = a; k < padded; ++k) gathered[k] = 0.0f;
+  for (int64_t k = 0; k < padded; k += kLanes)
+    cpu::Simd<float>::store(d + k, focal_pos_minus_neg_vec(cpu::Simd<float>::load(gathered + k), alpha));
+}
 
 template <typename S>
 struct ImageTokens {
@@ -48,14 +118,14 @@ void run(const S* logits, const S* pred_boxes, const S* tgt_boxes, const int64_t
   }
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<S> d(static_cast<size_t>(T));
+    std::vector<S> d(static_cast<size_t>(T + kLanes)), gathered(static_cast<size_t>(T + kLanes));
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < B * Q; ++row) {
       const int64_t b = row / Q;
       const ImageTokens<S>& img = images[size_t(b)];
       const int64_t n = counts[b], a = int64_t(img.active.size());
       const S* z = logits + row * T;
-      for (int64_t k = 0; k < a; ++k) d[size_t(k)] = focal_pos_minus_neg<S>(z[img.active[size_t(k)]], alpha, gamma);
+      focal_row<S>(z, img.active.data(), a, alpha, gamma, d.data(), gathered.data());
       const S* pb = pred_boxes + row * 4;
       S* o = out + row * G;
       for (int64_t g = 0; g < n; ++g) {

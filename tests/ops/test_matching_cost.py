@@ -103,6 +103,26 @@ def test_extreme_logits_stay_finite_and_accurate():
     torch.testing.assert_close(out32.double(), out, rtol=1e-5, atol=1e-4)
 
 
+def test_per_token_focal_term_float32_accuracy():
+    """One-hot maps turn each column into one token's focal (pos − neg): the float32 kernel (vectorised exp/log on
+    the CPU) against float64 over the whole logit range, ±inf included; NaN propagates to its column."""
+    x = torch.cat([torch.linspace(-60, 60, 2001, dtype=torch.float64), torch.tensor([math.inf, -math.inf, 1e-30])])
+    T = x.numel()
+    logits = x.reshape(1, 1, T)
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]], dtype=torch.float64)
+    tgt = pred.expand(1, T, 4).contiguous()
+    pmap = torch.eye(T, dtype=torch.bool)[None]
+    kw = dict(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0)
+    ref = matching_cost(logits, pred, tgt, pmap, [T], **kw)
+    torch.testing.assert_close(ref, matching_cost_ref(logits, pred, tgt, pmap, [T], **kw), rtol=1e-9, atol=1e-9)
+    out = matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
+    logits[0, 0, 7] = math.nan
+    out = matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
+    ref = matching_cost_ref(logits, pred, tgt, pmap, [T], **kw)
+    assert torch.isnan(out[0, 0, 7]) and torch.equal(torch.isnan(out), torch.isnan(ref))  # as the dense matmul
+
+
 def test_degenerate_boxes_finite():
     logits, pred, tgt, pmap, counts = make_inputs(1, 6, 4, 3)
     pred[0, :3, 2:] = 0  # zero-size predictions
