@@ -88,19 +88,45 @@ inline void focal_row<float>(const float* z, const int64_t* active, int64_t a, f
 }
 
 template <typename S>
-struct ImageTokens {
+struct ImageTargets {
   std::vector<int64_t> active;  // token indices used by a valid target
-  std::vector<S> weights;       // (n_b, |active|): m[g, t] / Σ_t m[g, t], 0 for an all-zero map
+  std::vector<S> weights_t;     // (|active|, n_b): m[g, t] / Σ_t m[g, t] (0 for an all-zero map), token-major
+  std::vector<S> box;           // (9, n_b) structure of arrays: cx, cy, w, h, x0, y0, x1, y1, area
 };
+
+// Row q against the n targets of its image, vectorised over targets (structure-of-arrays, branch-free):
+// box_costs of matching_cost_math.h written lane-wise, the divisions guarded by selecting a safe denominator.
+template <typename S>
+inline void row_against_targets(const S* pb, const ImageTargets<S>& img, int64_t n, const S* cls, S w_class,
+                                S w_bbox, S w_giou, S* o) {
+  const S pcx = pb[0], pcy = pb[1], pw = pb[2], ph = pb[3];
+  const S px0 = pcx - S(0.5) * pw, py0 = pcy - S(0.5) * ph, px1 = pcx + S(0.5) * pw, py1 = pcy + S(0.5) * ph;
+  const S parea = (px1 - px0) * (py1 - py0);
+  const S *cx = img.box.data(), *cy = cx + n, *w = cy + n, *h = w + n, *x0 = h + n, *y0 = x0 + n, *x1 = y0 + n,
+          *y1 = x1 + n, *area = y1 + n;
+#pragma omp simd
+  for (int64_t g = 0; g < n; ++g) {
+    const S l1 = m_abs(pcx - cx[g]) + m_abs(pcy - cy[g]) + m_abs(pw - w[g]) + m_abs(ph - h[g]);
+    const S iw = m_max(m_min(px1, x1[g]) - m_max(px0, x0[g]), S(0));
+    const S ih = m_max(m_min(py1, y1[g]) - m_max(py0, y0[g]), S(0));
+    const S inter = iw * ih, uni = parea + area[g] - inter;
+    const S cw = m_max(m_max(px1, x1[g]) - m_min(px0, x0[g]), S(0));
+    const S ch = m_max(m_max(py1, y1[g]) - m_min(py0, y0[g]), S(0));
+    const S hull = cw * ch;
+    const S iou = uni == S(0) ? S(0) : inter / (uni == S(0) ? S(1) : uni);
+    const S enclose = hull == S(0) ? S(0) : (hull - uni) / (hull == S(0) ? S(1) : hull);
+    o[g] = w_bbox * l1 + w_class * cls[g] - w_giou * (iou - enclose);
+  }
+}
 
 template <typename S>
 void run(const S* logits, const S* pred_boxes, const S* tgt_boxes, const int64_t* counts, const S* map, int64_t B,
          int64_t Q, int64_t T, int64_t G, S w_class, S w_bbox, S w_giou, S alpha, S gamma, S pad, S* out,
          int num_threads) {
-  std::vector<ImageTokens<S>> images(static_cast<size_t>(B));
+  std::vector<ImageTargets<S>> images(static_cast<size_t>(B));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t b = 0; b < B; ++b) {
-    ImageTokens<S>& img = images[size_t(b)];
+    ImageTargets<S>& img = images[size_t(b)];
     const int64_t n = counts[b];
     const S* mb = map + b * G * T;
     for (int64_t t = 0; t < T; ++t) {
@@ -109,33 +135,39 @@ void run(const S* logits, const S* pred_boxes, const S* tgt_boxes, const int64_t
       if (used) img.active.push_back(t);
     }
     const int64_t a = int64_t(img.active.size());
-    img.weights.assign(size_t(n * a), S(0));
+    img.weights_t.assign(size_t(a * n), S(0));
+    img.box.assign(size_t(9 * n), S(0));
     for (int64_t g = 0; g < n; ++g) {
       S sum = S(0);
       for (int64_t t = 0; t < T; ++t) sum += mb[g * T + t];
-      for (int64_t k = 0; k < a; ++k) img.weights[size_t(g * a + k)] = safe_div(mb[g * T + img.active[size_t(k)]], sum);
+      for (int64_t k = 0; k < a; ++k) img.weights_t[size_t(k * n + g)] = safe_div(mb[g * T + img.active[size_t(k)]], sum);
+      const S* tb = tgt_boxes + (b * G + g) * 4;
+      const S x0 = tb[0] - S(0.5) * tb[2], y0 = tb[1] - S(0.5) * tb[3], x1 = tb[0] + S(0.5) * tb[2],
+              y1 = tb[1] + S(0.5) * tb[3];
+      const S soa[9] = {tb[0], tb[1], tb[2], tb[3], x0, y0, x1, y1, (x1 - x0) * (y1 - y0)};
+      for (int f = 0; f < 9; ++f) img.box[size_t(f * n + g)] = soa[f];
     }
   }
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<S> d(static_cast<size_t>(T + kLanes)), gathered(static_cast<size_t>(T + kLanes));
+    std::vector<S> cls(static_cast<size_t>(G));
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < B * Q; ++row) {
       const int64_t b = row / Q;
-      const ImageTokens<S>& img = images[size_t(b)];
+      const ImageTargets<S>& img = images[size_t(b)];
       const int64_t n = counts[b], a = int64_t(img.active.size());
-      const S* z = logits + row * T;
-      focal_row<S>(z, img.active.data(), a, alpha, gamma, d.data(), gathered.data());
-      const S* pb = pred_boxes + row * 4;
-      S* o = out + row * G;
-      for (int64_t g = 0; g < n; ++g) {
-        const S* w = img.weights.data() + g * a;
-        S cls = S(0);
-        for (int64_t k = 0; k < a; ++k) cls += d[size_t(k)] * w[k];
-        S l1, giou;
-        box_costs<S>(pb, tgt_boxes + (b * G + g) * 4, l1, giou);
-        o[g] = w_bbox * l1 + w_class * cls - w_giou * giou;
+      focal_row<S>(logits + row * T, img.active.data(), a, alpha, gamma, d.data(), gathered.data());
+      std::fill(cls.begin(), cls.begin() + n, S(0));
+      for (int64_t k = 0; k < a; ++k) {  // Σ_k d[k]·w[k, g], vectorised over g
+        const S dk = d[size_t(k)];
+        const S* wk = img.weights_t.data() + k * n;
+        S* c = cls.data();
+#pragma omp simd
+        for (int64_t g = 0; g < n; ++g) c[g] += dk * wk[g];
       }
+      S* o = out + row * G;
+      row_against_targets<S>(pred_boxes + row * 4, img, n, cls.data(), w_class, w_bbox, w_giou, o);
       for (int64_t g = n; g < G; ++g) o[g] = pad;
     }
   }
