@@ -1,7 +1,8 @@
 // Matching cost on the CPU. Per image, only the tokens that some valid target uses ("active" tokens: the union
 // of the positive maps' supports, typically a few dozen of 256) enter the class cost, so the focal terms
-// (one exp, two logs each) are evaluated for B·Q·|active| logits instead of B·Q·T. Then OpenMP over (b, q)
-// rows; each row is written once.
+// (one exp, two logs each; vectorised for float32) are evaluated for B·Q·|active| logits instead of B·Q·T.
+// Then OpenMP over (b, q) rows; within a row the class dot products and the box terms run over the targets in
+// SIMD lanes (token-major weights, structure-of-arrays targets). Each output row is written once.
 #include <omp.h>
 
 #include <algorithm>

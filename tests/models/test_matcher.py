@@ -133,3 +133,17 @@ def test_bad_inputs():
         matcher(bad, targets)
     with pytest.raises(ValueError, match="all costs are 0"):
         HungarianMatcher(0, 0, 0)
+
+
+@pytest.mark.cuda
+def test_cuda_matcher_same_totals_as_scipy():
+    outputs, targets = make_batch(4, 900, 256, [20, 0, 7, 100], dtype=torch.float32)
+    blocks, scipy_indices = detr_style_matcher(outputs, targets)
+    cuda_outputs = {k: v.cuda() for k, v in outputs.items()}
+    cuda_targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    layers = HungarianMatcher().match_layers([cuda_outputs, cuda_outputs], cuda_targets)
+    for indices in layers:
+        for (r, c), block, (sr, sc) in zip(indices, blocks, scipy_indices):
+            assert r.device.type == "cpu" and len(r) == len(sr)
+            ours, theirs = block[r.numpy(), c.numpy()].sum(), block[sr, sc].sum()
+            assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs))
