@@ -171,6 +171,13 @@ def test_opcheck():
     torch.library.opcheck(linear_sum_assignment_op, (cost, torch.tensor([5, 2, 0]), torch.tensor([4, 4, 1])))
 
 
+def test_torch_compile_fullgraph():
+    cost, rows, cols = torch.rand(3, 5, 4), torch.tensor([5, 2, 0]), torch.tensor([4, 4, 1])
+    fn = torch.compile(lambda *a: linear_sum_assignment_op(*a), fullgraph=True)
+    for a, b in zip(fn(cost, rows, cols), linear_sum_assignment_op(cost, rows, cols)):
+        assert torch.equal(a, b)
+
+
 # ---- CUDA ----
 
 @pytest.mark.cuda

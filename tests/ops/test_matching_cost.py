@@ -158,6 +158,14 @@ def test_opcheck():
                                              2.0, 0.25, 2.0, math.inf))
 
 
+def test_torch_compile_fullgraph():
+    logits, pred, tgt, pmap, counts = make_inputs(2, 6, 5, 3, [3, 1], dtype=torch.float32)
+    args = (logits, pred, tgt, torch.tensor(counts), pmap.float())
+    fn = torch.compile(lambda *a: matching_cost_op(*a, 1.0, 5.0, 2.0, 0.25, 2.0, math.inf), fullgraph=True)
+    torch.testing.assert_close(fn(*args), matching_cost_op(*args, 1.0, 5.0, 2.0, 0.25, 2.0, math.inf),
+                               rtol=0, atol=0)
+
+
 def test_bad_inputs():
     logits, pred, tgt, pmap, counts = make_inputs(2, 6, 5, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="'pred_logits'"):
