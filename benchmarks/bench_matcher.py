@@ -14,7 +14,6 @@ target is one of them (the OD-caption layout; the CPU kernel only evaluates the 
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 

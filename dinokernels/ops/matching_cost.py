@@ -1,7 +1,6 @@
 """matching_cost: the Hungarian matching cost of DETR-family detectors with Grounding DINO's token-level focal
 class cost, fused in one kernel (csrc/matching_cost). Registered op: dinokernels::matching_cost."""
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor

@@ -1,7 +1,6 @@
 """Pure-PyTorch reference of matching_cost, written as DETR / Open-GroundingDino write their matcher cost
 (dense focal terms, token-map matmul, cdist, GIoU), batched over padded targets."""
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
