@@ -41,7 +41,7 @@ for tool in memcheck racecheck; do
     "$PY" -P -m pytest tests/ops -q -p no:cacheprovider -k sanitizer
 done
 # One step per benchmark, so that one failing bench does not hide the others. BENCHES narrows the list.
-for bench in ${BENCHES:-dino_loss sinkhorn_knopp softmax_center ibot_patch_loss koleo}; do
+for bench in ${BENCHES:-dino_loss sinkhorn_knopp softmax_center ibot_patch_loss koleo matcher ms_deform_attn}; do
   TAIL=12 step "bench_$bench" 240 "$PY" -P "benchmarks/bench_$bench.py" --device cuda --dtype float32 bfloat16 \
     --quick --rounds 3 --jsonl "$OUT/results.jsonl"
 done

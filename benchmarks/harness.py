@@ -259,7 +259,8 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "dino_loss": ["variant", "S", "T", "B", "K", "dtype", "mode"],
               "ibot_patch_loss": ["n", "K", "dtype", "mode"],
               "softmax_center": ["N", "K", "dtype", "sum"],
-              "sinkhorn_knopp": ["N", "K", "dtype", "iters"]}
+              "sinkhorn_knopp": ["N", "K", "dtype", "iters"],
+              "matcher": ["part", "L", "B", "Q", "G", "T", "map", "dtype"]}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts

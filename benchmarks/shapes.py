@@ -22,3 +22,9 @@ SOFTMAX_CENTER = [{"N": 64, "K": 65536}, {"N": 512, "K": 65536}]
 SOFTMAX_CENTER_QUICK = [{"N": 64, "K": 65536}]
 SINKHORN = [{"N": 1024, "K": 65536}, {"N": 256, "K": 131072}]
 SINKHORN_QUICK = [{"N": 1024, "K": 65536}]
+
+# Grounding DINO matching: B images, Q = 900 queries, G targets per image, T = 256 text tokens; L = 1 (one layer)
+# or 7 (6 decoder layers + encoder: all the matchings of one training step).
+MATCHER = [{"L": 1, "B": 4, "Q": 900, "G": 20, "T": 256}, {"L": 7, "B": 4, "Q": 900, "G": 20, "T": 256},
+           {"L": 1, "B": 4, "Q": 900, "G": 100, "T": 256}]
+MATCHER_QUICK = [{"L": 1, "B": 4, "Q": 900, "G": 20, "T": 256}]
