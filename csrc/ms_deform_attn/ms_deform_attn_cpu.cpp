@@ -1,0 +1,271 @@
+// CPU multi-scale deformable attention (see ms_deform_attn.h, ms_deform_attn_math.h).
+//
+// Forward: one task per (n, q, m); its ≤ L·P·4 corner rows are listed once (pointer, a·w), then the D channels are
+// swept in register blocks of up to 4 SIMD vectors with the corner list as the inner loop, so each output element is
+// written once and nothing of size S×Lq (or Lq×L·P×D) is ever materialised.
+// Backward: tasks over (n, m) own the grad_value slice (n, :, m, :) outright, so the scatter needs no atomics and the
+// sum order is fixed; when N·M tasks cannot fill the threads, the queries of a head are split into chunks, each
+// accumulating into its own partial copy, reduced afterwards in chunk order (still deterministic for a given thread
+// count). grad_locations and grad_weights of (n, q, m, l, p) come from four per-corner dot products with the upstream
+// gradient, computed in the same pass over the channels as the scatter.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/dk_cpu_simd.h"
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_math.h"
+
+namespace dk {
+namespace ms_deform_attn {
+namespace {
+
+constexpr int kMaxCorners = kMaxLevels * kMaxPoints * 4;
+
+int clamp_threads(int num_threads, int64_t tasks) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
+}
+
+// out[0, D) = Σ_j w[j] · rows[j][0, D).
+template <typename T>
+void weighted_rows(const T* const* rows, const T* w, int n_rows, int64_t d, T* out) {
+  using S = cpu::Simd<T>;
+  using V = typename S::vec;
+  constexpr int VL = S::kLanes;
+  int64_t c = 0;
+  for (; c + 4 * VL <= d; c += 4 * VL) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int j = 0; j < n_rows; ++j) {
+      const T* r = rows[j] + c;
+      const V s = S::splat(w[j]);
+      a0 += s * S::load(r);
+      a1 += s * S::load(r + VL);
+      a2 += s * S::load(r + 2 * VL);
+      a3 += s * S::load(r + 3 * VL);
+    }
+    S::store(out + c, a0), S::store(out + c + VL, a1), S::store(out + c + 2 * VL, a2);
+    S::store(out + c + 3 * VL, a3);
+  }
+  for (; c + VL <= d; c += VL) {
+    V a0{};
+    for (int j = 0; j < n_rows; ++j) a0 += S::splat(w[j]) * S::load(rows[j] + c);
+    S::store(out + c, a0);
+  }
+  for (; c < d; ++c) {
+    T acc = T(0);
+    for (int j = 0; j < n_rows; ++j) acc += w[j] * rows[j][c];
+    out[c] = acc;
+  }
+}
+
+template <typename T>
+void forward_impl(const Sizes& s, const Levels& lv, const T* value, const T* loc, const T* attn, T* out,
+                  int num_threads) {
+  const int64_t tasks = s.batch * s.queries * s.heads, lp = s.levels * s.points;
+  const int64_t pixel = s.heads * s.channels;  // stride between value rows
+  const int threads = clamp_threads(num_threads, tasks);
+#pragma omp parallel num_threads(threads)
+  {
+    cpu::FlushDenormals flush;
+    const T* rows[kMaxCorners];
+    T w[kMaxCorners];
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n = task / (s.queries * s.heads), m = task % s.heads;
+      const T* base = value + n * s.spatial * pixel + m * s.channels;
+      const T* xy = loc + task * lp * 2;
+      const T* a = attn + task * lp;
+      int n_rows = 0;
+      for (int l = 0; l < lv.count; ++l) {
+        const T* level = base + lv.start[l] * pixel;
+        for (int64_t p = 0; p < s.points; ++p) {
+          const int64_t i = l * s.points + p;
+          Footprint<T> f;
+          if (!footprint(xy[2 * i], xy[2 * i + 1], lv.height[l], lv.width[l], f)) continue;
+          for (int k = 0; k < 4; ++k) {
+            if (f.row[k] < 0) continue;
+            rows[n_rows] = level + f.row[k] * pixel;
+            w[n_rows++] = a[i] * f.weight[k];
+          }
+        }
+      }
+      weighted_rows(rows, w, n_rows, s.channels, out + task * s.channels);
+    }
+  }
+}
+
+// gv[0, D) += alpha · g[0, D); returns Σ g·v.
+template <typename T>
+T dot_and_scatter(const T* g, const T* v, T* gv, T alpha, int64_t d) {
+  using S = cpu::Simd<T>;
+  using V = typename S::vec;
+  constexpr int VL = S::kLanes;
+  const V va = S::splat(alpha);
+  V d0{}, d1{};
+  int64_t c = 0;
+  for (; c + 2 * VL <= d; c += 2 * VL) {
+    const V g0 = S::load(g + c), g1 = S::load(g + c + VL);
+    d0 += g0 * S::load(v + c);
+    d1 += g1 * S::load(v + c + VL);
+    S::store(gv + c, S::load(gv + c) + va * g0);
+    S::store(gv + c + VL, S::load(gv + c + VL) + va * g1);
+  }
+  for (; c + VL <= d; c += VL) {
+    const V g0 = S::load(g + c);
+    d0 += g0 * S::load(v + c);
+    S::store(gv + c, S::load(gv + c) + va * g0);
+  }
+  T total = S::sum(d0 + d1);
+  for (; c < d; ++c) {
+    total += g[c] * v[c];
+    gv[c] += alpha * g[c];
+  }
+  return total;
+}
+
+int64_t query_chunks(int64_t batch, int64_t heads, int64_t queries, int num_threads) {
+  const int64_t owners = batch * heads;
+  if (owners <= 0 || owners >= num_threads || queries <= 1) return 1;
+  return std::min<int64_t>((num_threads + owners - 1) / owners, queries);
+}
+
+template <typename T>
+void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T* value, const T* loc, const T* attn,
+                   T* grad_value, T* grad_loc, T* grad_attn, T* partials, int num_threads) {
+  const int64_t lp = s.levels * s.points, pixel = s.heads * s.channels;
+  const int64_t numel = s.batch * s.spatial * pixel;
+  const int64_t chunks = query_chunks(s.batch, s.heads, s.queries, num_threads);
+  const int64_t per_chunk = (s.queries + chunks - 1) / chunks;
+  const int64_t tasks = s.batch * s.heads * chunks;
+  const int threads = clamp_threads(num_threads, std::max(tasks, numel / 65536 + 1));
+#pragma omp parallel num_threads(threads)
+  {
+    cpu::FlushDenormals flush;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < numel; ++i) grad_value[i] = T(0);
+    if (chunks > 1) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < (chunks - 1) * numel; ++i) partials[i] = T(0);
+    }
+    // Implicit barrier above: every buffer is zero before any task scatters into it.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t chunk = task % chunks, nm = task / chunks, n = nm / s.heads, m = nm % s.heads;
+      const int64_t q0 = chunk * per_chunk, q1 = std::min(s.queries, q0 + per_chunk);
+      const T* vbase = value + n * s.spatial * pixel + m * s.channels;
+      T* gbase = (chunk == 0 ? grad_value : partials + (chunk - 1) * numel) + n * s.spatial * pixel + m * s.channels;
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t row = (n * s.queries + q) * s.heads + m;
+        const T* g = grad_out + row * s.channels;
+        const T* xy = loc + row * lp * 2;
+        const T* a = attn + row * lp;
+        T* gxy = grad_loc + row * lp * 2;
+        T* ga = grad_attn + row * lp;
+        for (int l = 0; l < lv.count; ++l) {
+          const int64_t level = lv.start[l] * pixel;
+          for (int64_t p = 0; p < s.points; ++p) {
+            const int64_t i = l * s.points + p;
+            Footprint<T> f;
+            if (!footprint(xy[2 * i], xy[2 * i + 1], lv.height[l], lv.width[l], f)) {
+              gxy[2 * i] = gxy[2 * i + 1] = ga[i] = T(0);
+              continue;
+            }
+            T dot[4];
+            for (int k = 0; k < 4; ++k) {
+              if (f.row[k] < 0) {
+                dot[k] = T(0);
+                continue;
+              }
+              const int64_t off = level + f.row[k] * pixel;
+              dot[k] = dot_and_scatter(g, vbase + off, gbase + off, a[i] * f.weight[k], s.channels);
+            }
+            sample_gradients(f, dot, a[i], lv.height[l], lv.width[l], ga[i], gxy[2 * i], gxy[2 * i + 1]);
+          }
+        }
+      }
+    }
+    if (chunks > 1) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < numel; ++i) {
+        T acc = grad_value[i];
+        for (int64_t c = 0; c + 1 < chunks; ++c) acc += partials[c * numel + i];
+        grad_value[i] = acc;
+      }
+    }
+  }
+}
+
+template <typename Body>
+void dispatch(int dtype, Body&& body) {
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
+  if (dtype == kFloat64)
+    body(static_cast<double*>(nullptr));
+  else
+    body(static_cast<float*>(nullptr));
+}
+
+int64_t element_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
+
+}  // namespace
+
+void forward_cpu(std::uintptr_t value, std::uintptr_t spatial_shapes, std::uintptr_t level_start_index,
+                 std::uintptr_t sampling_locations, std::uintptr_t attention_weights, int dtype, int64_t batch,
+                 int64_t spatial, int64_t heads, int64_t channels, int64_t queries, int64_t levels, int64_t points,
+                 std::uintptr_t output, int num_threads) {
+  const Sizes s{batch, spatial, heads, channels, queries, levels, points};
+  const Levels lv = read_levels(spatial_shapes, level_start_index, s);
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
+  if (batch * queries == 0) return;
+  check_pointer(as_ptr<void>(value), kOp, "value");
+  check_pointer(as_ptr<void>(sampling_locations), kOp, "sampling_locations");
+  check_pointer(as_ptr<void>(attention_weights), kOp, "attention_weights");
+  check_pointer(as_ptr<void>(output), kOp, "output");
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_impl<T>(s, lv, as_ptr<const T>(value), as_ptr<const T>(sampling_locations),
+                    as_ptr<const T>(attention_weights), as_ptr<T>(output), num_threads);
+  });
+}
+
+int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
+                                     int64_t queries, int dtype, int num_threads) {
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
+  DK_CHECK_ARG(batch >= 0 && spatial >= 0 && heads >= 0 && channels >= 0 && queries >= 0, kOp, "value",
+               "has negative sizes");
+  return (query_chunks(batch, heads, queries, num_threads) - 1) * batch * spatial * heads * channels *
+         element_size(dtype);
+}
+
+void backward_cpu(std::uintptr_t grad_output, std::uintptr_t value, std::uintptr_t spatial_shapes,
+                  std::uintptr_t level_start_index, std::uintptr_t sampling_locations,
+                  std::uintptr_t attention_weights, int dtype, int64_t batch, int64_t spatial, int64_t heads,
+                  int64_t channels, int64_t queries, int64_t levels, int64_t points, std::uintptr_t grad_value,
+                  std::uintptr_t grad_locations, std::uintptr_t grad_weights, std::uintptr_t workspace,
+                  int64_t workspace_bytes, int num_threads) {
+  const Sizes s{batch, spatial, heads, channels, queries, levels, points};
+  const Levels lv = read_levels(spatial_shapes, level_start_index, s);
+  check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
+  check_pointer(as_ptr<void>(grad_value), kOp, "grad_value");
+  if (batch * queries == 0) {
+    std::memset(as_ptr<void>(grad_value), 0, size_t(batch * spatial * heads * channels * element_size(dtype)));
+    return;
+  }
+  for (auto [ptr, name] : {std::pair{grad_output, "grad_output"}, {value, "value"},
+                           {sampling_locations, "sampling_locations"}, {attention_weights, "attention_weights"},
+                           {grad_locations, "grad_locations"}, {grad_weights, "grad_weights"}})
+    check_pointer(as_ptr<void>(ptr), kOp, name);
+  check_workspace(workspace, workspace_bytes,
+                  backward_workspace_bytes_cpu(batch, spatial, heads, channels, queries, dtype, num_threads),
+                  element_size(dtype), kOp);
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_impl<T>(s, lv, as_ptr<const T>(grad_output), as_ptr<const T>(value),
+                     as_ptr<const T>(sampling_locations), as_ptr<const T>(attention_weights), as_ptr<T>(grad_value),
+                     as_ptr<T>(grad_locations), as_ptr<T>(grad_weights), as_ptr<T>(workspace), num_threads);
+  });
+}
+
+}  // namespace ms_deform_attn
+}  // namespace dk
