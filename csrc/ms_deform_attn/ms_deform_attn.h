@@ -23,7 +23,8 @@ constexpr int kMaxPoints = 16;
 
 // ---- CPU (value, locations, weights, output: one dtype, float32 or float64) ----
 
-void forward_cpu(std::uintptr_t value,               // (N, S, M, D) dtype
+// Returns true when a location, a weight or an output is NaN/inf (for DINOKERNELS_CHECK_FINITE).
+bool forward_cpu(std::uintptr_t value,               // (N, S, M, D) dtype
                  std::uintptr_t spatial_shapes,      // (L, 2) int64, host
                  std::uintptr_t level_start_index,   // (L,) int64, host
                  std::uintptr_t sampling_locations,  // (N, Lq, M, L, P, 2) dtype

@@ -28,12 +28,14 @@ int clamp_threads(int num_threads, int64_t tasks) {
   return int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
 }
 
-// out[0, D) = Σ_j w[j] · rows[j][0, D).
+// out[0, D) = Σ_j w[j] · rows[j][0, D). Returns Σ (out − out): 0 when every output is finite, else NaN (a
+// finiteness probe that costs one subtract-add per vector; x − x is not folded without -ffinite-math-only).
 template <typename T>
-void weighted_rows(const T* const* rows, const T* w, int n_rows, int64_t d, T* out) {
+T weighted_rows(const T* const* rows, const T* w, int n_rows, int64_t d, T* out) {
   using S = cpu::Simd<T>;
   using V = typename S::vec;
   constexpr int VL = S::kLanes;
+  V probe{};
   int64_t c = 0;
   for (; c + 4 * VL <= d; c += 4 * VL) {
     V a0{}, a1{}, a2{}, a3{};
@@ -47,28 +49,37 @@ void weighted_rows(const T* const* rows, const T* w, int n_rows, int64_t d, T* o
     }
     S::store(out + c, a0), S::store(out + c + VL, a1), S::store(out + c + 2 * VL, a2);
     S::store(out + c + 3 * VL, a3);
+    probe += (a0 - a0) + (a1 - a1) + (a2 - a2) + (a3 - a3);
   }
   for (; c + VL <= d; c += VL) {
     V a0{};
     for (int j = 0; j < n_rows; ++j) a0 += S::splat(w[j]) * S::load(rows[j] + c);
     S::store(out + c, a0);
+    probe += a0 - a0;
   }
+  T scalar_probe = S::sum(probe);
   for (; c < d; ++c) {
     T acc = T(0);
     for (int j = 0; j < n_rows; ++j) acc += w[j] * rows[j][c];
     out[c] = acc;
+    scalar_probe += acc - acc;
   }
+  return scalar_probe;
 }
 
+// Returns whether a location, a weight or an output is NaN/inf (the kernel skips NaN locations, so the output
+// alone would not show them).
 template <typename T>
-void forward_impl(const Sizes& s, const Levels& lv, const T* value, const T* loc, const T* attn, T* out,
+bool forward_impl(const Sizes& s, const Levels& lv, const T* value, const T* loc, const T* attn, T* out,
                   int num_threads) {
   const int64_t tasks = s.batch * s.queries * s.heads, lp = s.levels * s.points;
   const int64_t pixel = s.heads * s.channels;  // stride between value rows
   const int threads = clamp_threads(num_threads, tasks);
-#pragma omp parallel num_threads(threads)
+  int nonfinite = 0;
+#pragma omp parallel num_threads(threads) reduction(| : nonfinite)
   {
     cpu::FlushDenormals flush;
+    T probe = T(0);
     const T* rows[kMaxCorners];
     T w[kMaxCorners];
 #pragma omp for schedule(static)
@@ -82,6 +93,7 @@ void forward_impl(const Sizes& s, const Levels& lv, const T* value, const T* loc
         const T* level = base + lv.start[l] * pixel;
         for (int64_t p = 0; p < s.points; ++p) {
           const int64_t i = l * s.points + p;
+          probe += (xy[2 * i] - xy[2 * i]) + (xy[2 * i + 1] - xy[2 * i + 1]) + (a[i] - a[i]);
           Footprint<T> f;
           if (!footprint(xy[2 * i], xy[2 * i + 1], lv.height[l], lv.width[l], f)) continue;
           for (int k = 0; k < 4; ++k) {
@@ -91,9 +103,38 @@ void forward_impl(const Sizes& s, const Levels& lv, const T* value, const T* loc
           }
         }
       }
-      weighted_rows(rows, w, n_rows, s.channels, out + task * s.channels);
+      probe += weighted_rows(rows, w, n_rows, s.channels, out + task * s.channels);
     }
+    nonfinite |= int(probe != T(0));  // NaN != 0
   }
+  return nonfinite != 0;
+}
+
+// Horizontal sum by halving (a fixed tree): log2(lanes) extract-and-add steps instead of Simd::sum's lane-by-lane
+// chain, which the backward would pay four times per sample.
+template <typename T, int Bytes>
+T tree_sum(const void* v) {
+  if constexpr (Bytes == int(sizeof(T))) {
+    T x;
+    std::memcpy(&x, v, sizeof(T));
+    return x;
+  } else if constexpr (Bytes == 2 * int(sizeof(T))) {
+    T x[2];
+    std::memcpy(x, v, sizeof(x));
+    return x[0] + x[1];
+  } else {
+    typedef T H __attribute__((vector_size(Bytes / 2)));
+    H lo, hi;
+    std::memcpy(&lo, v, Bytes / 2);
+    std::memcpy(&hi, static_cast<const char*>(v) + Bytes / 2, Bytes / 2);
+    const H sum = lo + hi;
+    return tree_sum<T, Bytes / 2>(&sum);
+  }
+}
+
+template <typename T>
+T hsum(typename cpu::Simd<T>::vec v) {
+  return tree_sum<T, cpu::kVecBytes>(&v);
 }
 
 // gv[0, D) += alpha · g[0, D); returns Σ g·v.
@@ -117,7 +158,7 @@ T dot_and_scatter(const T* g, const T* v, T* gv, T alpha, int64_t d) {
     d0 += g0 * S::load(v + c);
     S::store(gv + c, S::load(gv + c) + va * g0);
   }
-  T total = S::sum(d0 + d1);
+  T total = hsum<T>(d0 + d1);
   for (; c < d; ++c) {
     total += g[c] * v[c];
     gv[c] += alpha * g[c];
@@ -210,23 +251,25 @@ int64_t element_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
 
 }  // namespace
 
-void forward_cpu(std::uintptr_t value, std::uintptr_t spatial_shapes, std::uintptr_t level_start_index,
+bool forward_cpu(std::uintptr_t value, std::uintptr_t spatial_shapes, std::uintptr_t level_start_index,
                  std::uintptr_t sampling_locations, std::uintptr_t attention_weights, int dtype, int64_t batch,
                  int64_t spatial, int64_t heads, int64_t channels, int64_t queries, int64_t levels, int64_t points,
                  std::uintptr_t output, int num_threads) {
   const Sizes s{batch, spatial, heads, channels, queries, levels, points};
   const Levels lv = read_levels(spatial_shapes, level_start_index, s);
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
-  if (batch * queries == 0) return;
+  if (batch * queries == 0) return false;
   check_pointer(as_ptr<void>(value), kOp, "value");
   check_pointer(as_ptr<void>(sampling_locations), kOp, "sampling_locations");
   check_pointer(as_ptr<void>(attention_weights), kOp, "attention_weights");
   check_pointer(as_ptr<void>(output), kOp, "output");
+  bool nonfinite = false;
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    forward_impl<T>(s, lv, as_ptr<const T>(value), as_ptr<const T>(sampling_locations),
+    nonfinite = forward_impl<T>(s, lv, as_ptr<const T>(value), as_ptr<const T>(sampling_locations),
                     as_ptr<const T>(attention_weights), as_ptr<T>(output), num_threads);
   });
+  return nonfinite;
 }
 
 int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,

@@ -54,19 +54,25 @@ __device__ DK_INLINE void store_vec(T* __restrict__ p, const float (&v)[VEC]) {
 }
 
 // dst[0, VEC) += alpha·g (float32 buffer). dst is 16-byte aligned when VEC > 1 (D is then a multiple of 4).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kVectorAtomics = true;
+#else
+constexpr bool kVectorAtomics = false;
+#endif
+
 template <int VEC>
 __device__ DK_INLINE void atomic_add_vec(float* dst, float alpha, const float (&g)[VEC]) {
+  if constexpr (kVectorAtomics && VEC % 4 == 0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < VEC; i += 4)
       atomicAdd(reinterpret_cast<float4*>(dst + i),
                 make_float4(alpha * g[i], alpha * g[i + 1], alpha * g[i + 2], alpha * g[i + 3]));
-    return;
-  }
 #endif
+  } else {
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, alpha * g[i]);
+    for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, alpha * g[i]);
+  }
 }
 
 template <typename T, typename TL, int VEC, int L_, int P_>

@@ -78,18 +78,6 @@ def _check_kernel_inputs(op, value, spatial_shapes, level_start_index, sampling_
     return n, s, m, d, lq, levels, points
 
 
-def _raise_if_nonfinite(output: Tensor, value: Tensor, sampling_locations: Tensor, attention_weights: Tensor):
-    """DINOKERNELS_CHECK_FINITE: a non-finite output (or a NaN/inf location, which the kernel would skip) names
-    the first non-finite input."""
-    if not _config.check_finite():
-        return
-    if bool(torch.isfinite(output).all()) and bool(torch.isfinite(sampling_locations).all()):
-        return
-    D.raise_nonfinite_inputs(_OP, {"value": value, "sampling_locations": sampling_locations,
-                                   "attention_weights": attention_weights},
-                             "gives a non-finite output (overflow in the output dtype?)")
-
-
 @torch.library.custom_op("dinokernels::ms_deform_attn_forward", mutates_args=())
 def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                            sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
@@ -107,13 +95,20 @@ def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_in
     ptrs = (value.data_ptr(), shapes.data_ptr(), starts.data_ptr(), sampling_locations.data_ptr(),
             attention_weights.data_ptr())
     if value.device.type == "cpu":
-        _ext.kernel(op, "cpu")(*ptrs, D.dtype_code(value.dtype), *sizes, output.data_ptr(), D.cpu_threads())
+        bad = _ext.kernel(op, "cpu")(*ptrs, D.dtype_code(value.dtype), *sizes, output.data_ptr(), D.cpu_threads())
     else:
         device, stream = D.cuda_device_and_stream(value)
         with torch.cuda.device(device):
             _ext.kernel(op, "cuda")(*ptrs, D.dtype_code(value.dtype), D.dtype_code(sampling_locations.dtype),
                                     *sizes, output.data_ptr(), device, stream)
-    _raise_if_nonfinite(output, value, sampling_locations, attention_weights)
+        # One fused reduction and one read-back (a sync), only when finiteness checks are on.
+        bad = _config.check_finite() and not bool(torch.isfinite(output).all() &
+                                                   torch.isfinite(sampling_locations).all() &
+                                                   torch.isfinite(attention_weights).all())
+    if bad and _config.check_finite():
+        D.raise_nonfinite_inputs(_OP, {"value": value, "sampling_locations": sampling_locations,
+                                       "attention_weights": attention_weights},
+                                 "gives a non-finite output (overflow in the output dtype?)")
     return output
 
 
