@@ -290,11 +290,14 @@ void backward_cpu(std::uintptr_t grad_output, std::uintptr_t value, std::uintptr
   const Sizes s{batch, spatial, heads, channels, queries, levels, points};
   const Levels lv = read_levels(spatial_shapes, level_start_index, s);
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
-  check_pointer(as_ptr<void>(grad_value), kOp, "grad_value");
-  if (batch * queries == 0) {
-    std::memset(as_ptr<void>(grad_value), 0, size_t(batch * spatial * heads * channels * element_size(dtype)));
+  if (batch * queries == 0) {  // nothing is sampled: grad_value is zero (and empty when N = 0)
+    if (batch > 0) {
+      check_pointer(as_ptr<void>(grad_value), kOp, "grad_value");
+      std::memset(as_ptr<void>(grad_value), 0, size_t(batch * spatial * heads * channels * element_size(dtype)));
+    }
     return;
   }
+  check_pointer(as_ptr<void>(grad_value), kOp, "grad_value");
   for (auto [ptr, name] : {std::pair{grad_output, "grad_output"}, {value, "value"},
                            {sampling_locations, "sampling_locations"}, {attention_weights, "attention_weights"},
                            {grad_locations, "grad_locations"}, {grad_weights, "grad_weights"}})

@@ -136,6 +136,8 @@ def ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: 
     sizes = (n, s, m, d, lq, levels, points)
     ptrs = (grad_output.data_ptr(), value.data_ptr(), shapes.data_ptr(), starts.data_ptr(),
             sampling_locations.data_ptr(), attention_weights.data_ptr())
+    if n * lq == 0:
+        return torch.zeros_like(value), grad_loc, grad_attn
     if value.device.type == "cpu":
         grad_value = torch.empty_like(value)
         code, threads = D.dtype_code(value.dtype), D.cpu_threads()
@@ -144,8 +146,6 @@ def ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: 
         _ext.kernel(op, "cpu")(*ptrs, code, *sizes, grad_value.data_ptr(), grad_loc.data_ptr(),
                                grad_attn.data_ptr(), ws.data_ptr(), nbytes, threads)
         return grad_value, grad_loc, grad_attn
-    if n * lq == 0:
-        return torch.zeros_like(value), grad_loc, grad_attn
     device, stream = D.cuda_device_and_stream(value)
     with torch.cuda.device(device):
         # float32 accumulation buffer for the atomics, cast afterwards (16-bit atomics would round every add).
