@@ -259,7 +259,8 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "dino_loss": ["variant", "S", "T", "B", "K", "dtype", "mode"],
               "ibot_patch_loss": ["n", "K", "dtype", "mode"],
               "softmax_center": ["N", "K", "dtype", "sum"],
-              "sinkhorn_knopp": ["N", "K", "dtype", "iters"]}
+              "sinkhorn_knopp": ["N", "K", "dtype", "iters"],
+              "ms_deform_attn": ["case", "locations", "N", "Lq", "S", "dtype", "mode"]}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts
