@@ -34,7 +34,8 @@ bool forward_cpu(std::uintptr_t value,               // (N, S, M, D) dtype
                  std::uintptr_t output,  // (N, Lq, M, D) dtype, written
                  int num_threads);
 
-// Bytes of scratch backward_cpu needs: partial grad_value copies when N·M heads cannot keep the threads busy.
+// Bytes of scratch backward_cpu needs: head-major copies of value and grad_value (M > 1), plus partial grad_value
+// copies when N·M heads cannot keep the threads busy.
 int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
                                      int64_t queries, int dtype, int num_threads);
 

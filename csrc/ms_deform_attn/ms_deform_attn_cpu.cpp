@@ -3,8 +3,8 @@
 // Forward: one task per (n, q, m); its ≤ L·P·4 corner rows are listed once (pointer, a·w), then the D channels are
 // swept in register blocks of up to 4 SIMD vectors with the corner list as the inner loop, so each output element is
 // written once and nothing of size S×Lq (or Lq×L·P×D) is ever materialised.
-// Backward: tasks over (n, m) own the grad_value slice (n, :, m, :) outright, so the scatter needs no atomics and the
-// sum order is fixed; when N·M tasks cannot fill the threads, the queries of a head are split into chunks, each
+// Backward: tasks over (n, m) own the grad_value slice (n, :, m, :) outright (scattered into a head-major copy), so
+// the scatter needs no atomics and the sum order is fixed; when N·M tasks cannot fill the threads, the queries of a head are split into chunks, each
 // accumulating into its own partial copy, reduced afterwards in chunk order (still deterministic for a given thread
 // count). grad_locations and grad_weights of (n, q, m, l, p) come from four per-corner dot products with the upstream
 // gradient, computed in the same pass over the channels as the scatter.
@@ -172,40 +172,63 @@ int64_t query_chunks(int64_t batch, int64_t heads, int64_t queries, int num_thre
   return std::min<int64_t>((num_threads + owners - 1) / owners, queries);
 }
 
+// Scratch of the backward, in elements of the value's dtype. With M > 1 heads the scatter runs on head-major copies,
+// (N, M, S, D): the value rows of one head and their gradient rows are then contiguous, so a bilinear footprint
+// touches neighbouring cache lines instead of lines 1 KB apart (about 2× faster at Grounding DINO's shapes).
+// Layout: [value (N, M, S, D)] [accumulator 0] [accumulator 1] ... for M > 1; [accumulator 1] ... for M = 1, whose
+// accumulator 0 is grad_value itself.
+int64_t backward_workspace_elements(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
+                                    int64_t queries, int num_threads) {
+  const int64_t numel = batch * spatial * heads * channels, chunks = query_chunks(batch, heads, queries, num_threads);
+  return heads > 1 ? (1 + chunks) * numel : (chunks - 1) * numel;
+}
+
 template <typename T>
 void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T* value, const T* loc, const T* attn,
-                   T* grad_value, T* grad_loc, T* grad_attn, T* partials, int num_threads) {
-  const int64_t lp = s.levels * s.points, pixel = s.heads * s.channels;
-  const int64_t numel = s.batch * s.spatial * pixel;
+                   T* grad_value, T* grad_loc, T* grad_attn, T* workspace, int num_threads) {
+  const int64_t lp = s.levels * s.points, d = s.channels, plane = s.spatial * d;
+  const int64_t numel = s.batch * s.heads * plane, rows_total = s.batch * s.spatial * s.heads;
   const int64_t chunks = query_chunks(s.batch, s.heads, s.queries, num_threads);
   const int64_t per_chunk = (s.queries + chunks - 1) / chunks;
   const int64_t tasks = s.batch * s.heads * chunks;
+  const bool head_major = s.heads > 1;
+  const T* vsrc = head_major ? workspace : value;
+  T* acc0 = head_major ? workspace + numel : grad_value;
+  T* acc_rest = head_major ? workspace + 2 * numel : workspace;  // accumulators 1 .. chunks − 1
   const int threads = clamp_threads(num_threads, std::max(tasks, numel / 65536 + 1));
 #pragma omp parallel num_threads(threads)
   {
     cpu::FlushDenormals flush;
+    if (head_major) {
+      // value (N, S, M, D) → (N, M, S, D)
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < numel; ++i) grad_value[i] = T(0);
+      for (int64_t r = 0; r < rows_total; ++r) {
+        const int64_t n = r / (s.spatial * s.heads), sp = (r / s.heads) % s.spatial, m = r % s.heads;
+        std::memcpy(workspace + (n * s.heads + m) * plane + sp * d, value + r * d, size_t(d) * sizeof(T));
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < numel; ++i) acc0[i] = T(0);
     if (chunks > 1) {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < (chunks - 1) * numel; ++i) partials[i] = T(0);
+      for (int64_t i = 0; i < (chunks - 1) * numel; ++i) acc_rest[i] = T(0);
     }
-    // Implicit barrier above: every buffer is zero before any task scatters into it.
+    // Implicit barriers above: the copy is complete and every accumulator zero before any task starts.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, nm = task / chunks, n = nm / s.heads, m = nm % s.heads;
       const int64_t q0 = chunk * per_chunk, q1 = std::min(s.queries, q0 + per_chunk);
-      const T* vbase = value + n * s.spatial * pixel + m * s.channels;
-      T* gbase = (chunk == 0 ? grad_value : partials + (chunk - 1) * numel) + n * s.spatial * pixel + m * s.channels;
+      const T* vbase = vsrc + nm * plane;  // (n, m) plane: row r at r·D
+      T* gbase = (chunk == 0 ? acc0 : acc_rest + (chunk - 1) * numel) + nm * plane;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t row = (n * s.queries + q) * s.heads + m;
-        const T* g = grad_out + row * s.channels;
+        const T* g = grad_out + row * d;
         const T* xy = loc + row * lp * 2;
         const T* a = attn + row * lp;
         T* gxy = grad_loc + row * lp * 2;
         T* ga = grad_attn + row * lp;
         for (int l = 0; l < lv.count; ++l) {
-          const int64_t level = lv.start[l] * pixel;
+          const int64_t level = lv.start[l] * d;
           for (int64_t p = 0; p < s.points; ++p) {
             const int64_t i = l * s.points + p;
             Footprint<T> f;
@@ -219,20 +242,27 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
                 dot[k] = T(0);
                 continue;
               }
-              const int64_t off = level + f.row[k] * pixel;
-              dot[k] = dot_and_scatter(g, vbase + off, gbase + off, a[i] * f.weight[k], s.channels);
+              const int64_t off = level + f.row[k] * d;
+              dot[k] = dot_and_scatter(g, vbase + off, gbase + off, a[i] * f.weight[k], d);
             }
             sample_gradients(f, dot, a[i], lv.height[l], lv.width[l], ga[i], gxy[2 * i], gxy[2 * i + 1]);
           }
         }
       }
     }
-    if (chunks > 1) {
+    if (head_major || chunks > 1) {
+      // grad_value (N, S, M, D) = Σ_chunk accumulator (N, M, S, D), in chunk order. For M = 1 accumulator 0 is
+      // grad_value and the layouts coincide, so this adds in place.
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < numel; ++i) {
-        T acc = grad_value[i];
-        for (int64_t c = 0; c + 1 < chunks; ++c) acc += partials[c * numel + i];
-        grad_value[i] = acc;
+      for (int64_t r = 0; r < rows_total; ++r) {
+        const int64_t n = r / (s.spatial * s.heads), sp = (r / s.heads) % s.spatial, m = r % s.heads;
+        const int64_t src = (n * s.heads + m) * plane + sp * d;
+        T* dst = grad_value + r * d;
+        for (int64_t c = 0; c < d; ++c) {
+          T sum = acc0[src + c];
+          for (int64_t k = 0; k + 1 < chunks; ++k) sum += acc_rest[k * numel + src + c];
+          dst[c] = sum;
+        }
       }
     }
   }
@@ -277,8 +307,7 @@ int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t hea
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
   DK_CHECK_ARG(batch >= 0 && spatial >= 0 && heads >= 0 && channels >= 0 && queries >= 0, kOp, "value",
                "has negative sizes");
-  return (query_chunks(batch, heads, queries, num_threads) - 1) * batch * spatial * heads * channels *
-         element_size(dtype);
+  return backward_workspace_elements(batch, spatial, heads, channels, queries, num_threads) * element_size(dtype);
 }
 
 void backward_cpu(std::uintptr_t grad_output, std::uintptr_t value, std::uintptr_t spatial_shapes,
