@@ -65,19 +65,21 @@ def cases(device, dtypes, shape_list, compile_reference):
             if compile_reference:
                 impls["reference_compiled"] = torch.compile(ms_deform_attn_ref, dynamic=False)
             s = inputs[0].shape[1]
+            value, spatial, starts, loc, attn = inputs
+            grad = torch.randn(value.shape[0], loc.shape[1], M * D, device=device, dtype=dtype)
             for mode in ("fwd", "fwd+bwd"):
-                value, spatial, starts, loc, attn = inputs
-                if mode == "fwd":
-                    fns = {name: (lambda f=f, v=value, x=loc, a=attn: f(v, spatial, starts, x, a))
-                           for name, f in impls.items()}
-                else:
-                    v, x, a = (t.clone().requires_grad_(True) for t in (value, loc, attn))
-                    grad = torch.randn(v.shape[0], loc.shape[1], M * D, device=device, dtype=dtype)
-
-                    def fwd_bwd(f, v=v, x=x, a=a, grad=grad):
-                        return torch.autograd.grad(f(v, spatial, starts, x, a), (v, x, a), grad)
-
-                    fns = {name: (lambda f=f: fwd_bwd(f)) for name, f in impls.items()}
+                fns = {}
+                for name, f in impls.items():
+                    # The kernel takes float32 locations and weights with 16-bit values; grid_sample needs them in
+                    # the value's dtype, so the references get them cast once, outside the timing.
+                    ldt = torch.float32 if name == "kernel" else dtype
+                    v, x, a = value.clone(), loc.to(ldt), attn.to(ldt)
+                    if mode == "fwd":
+                        fns[name] = lambda f=f, v=v, x=x, a=a: f(v, spatial, starts, x, a)
+                    else:
+                        v, x, a = (t.requires_grad_(True) for t in (v, x, a))
+                        fns[name] = lambda f=f, v=v, x=x, a=a: torch.autograd.grad(f(v, spatial, starts, x, a),
+                                                                                   (v, x, a), grad)
                 params = {**shape, "S": s, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
                 yield params, fns
 

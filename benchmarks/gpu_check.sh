@@ -42,7 +42,8 @@ TAIL=45 step bench 420 bash -c "
   '$PY' benchmarks/bench_sinkhorn_knopp.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
   '$PY' benchmarks/bench_softmax_center.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
   '$PY' benchmarks/bench_ibot_patch_loss.py --device cuda --dtype float32 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl' &&
-  '$PY' benchmarks/bench_koleo.py --device cuda --dtype float32 bfloat16 --rounds 3 --jsonl '$OUT/results.jsonl'"
+  '$PY' benchmarks/bench_koleo.py --device cuda --dtype float32 bfloat16 --rounds 3 --jsonl '$OUT/results.jsonl' &&
+  '$PY' benchmarks/bench_ms_deform_attn.py --device cuda --dtype float32 float16 bfloat16 --quick --rounds 3 --jsonl '$OUT/results.jsonl'"
 
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "FAILED: ${failed[*]}"

@@ -236,7 +236,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     """
     _check_public(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if D.use_reference("ms_deform_attn_forward", value.device):
-        return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # grid_sample needs the grid in the value's dtype
+        return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations.to(value.dtype),
+                                  attention_weights.to(value.dtype))
     out_dtype = value.dtype
     if value.device.type == "cpu":
         if value.dtype not in D.CPU_DTYPES:
