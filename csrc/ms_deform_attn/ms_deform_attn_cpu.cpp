@@ -28,6 +28,61 @@ int clamp_threads(int num_threads, int64_t tasks) {
   return int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
 }
 
+// W (1, 2 or 4) vectors of out = Σ_j w[j] · rows[j] from channel c, even and odd rows in separate accumulators:
+// 2·W independent FMA chains, so the sum over up to L·P·4 rows is not bound by the FMA latency. Named variables,
+// not arrays, keep the accumulators in registers.
+template <typename T, int W>
+inline typename cpu::Simd<T>::vec weighted_block(const T* const* rows, const T* w, int n_rows, int64_t c, T* out) {
+  using S = cpu::Simd<T>;
+  using V = typename S::vec;
+  constexpr int VL = S::kLanes;
+  V e0{}, e1{}, e2{}, e3{}, o0{}, o1{}, o2{}, o3{};
+  int j = 0;
+  for (; j + 2 <= n_rows; j += 2) {
+    const V s0 = S::splat(w[j]), s1 = S::splat(w[j + 1]);
+    const T* r0 = rows[j] + c;
+    const T* r1 = rows[j + 1] + c;
+    e0 += s0 * S::load(r0);
+    o0 += s1 * S::load(r1);
+    if constexpr (W >= 2) {
+      e1 += s0 * S::load(r0 + VL);
+      o1 += s1 * S::load(r1 + VL);
+    }
+    if constexpr (W == 4) {
+      e2 += s0 * S::load(r0 + 2 * VL);
+      o2 += s1 * S::load(r1 + 2 * VL);
+      e3 += s0 * S::load(r0 + 3 * VL);
+      o3 += s1 * S::load(r1 + 3 * VL);
+    }
+  }
+  if (j < n_rows) {
+    const V s0 = S::splat(w[j]);
+    const T* r0 = rows[j] + c;
+    e0 += s0 * S::load(r0);
+    if constexpr (W >= 2) e1 += s0 * S::load(r0 + VL);
+    if constexpr (W == 4) {
+      e2 += s0 * S::load(r0 + 2 * VL);
+      e3 += s0 * S::load(r0 + 3 * VL);
+    }
+  }
+  e0 += o0;
+  S::store(out + c, e0);
+  V probe = e0 - e0;
+  if constexpr (W >= 2) {
+    e1 += o1;
+    S::store(out + c + VL, e1);
+    probe += e1 - e1;
+  }
+  if constexpr (W == 4) {
+    e2 += o2;
+    e3 += o3;
+    S::store(out + c + 2 * VL, e2);
+    S::store(out + c + 3 * VL, e3);
+    probe += (e2 - e2) + (e3 - e3);
+  }
+  return probe;
+}
+
 // out[0, D) = Σ_j w[j] · rows[j][0, D). Returns Σ (out − out): 0 when every output is finite, else NaN (a
 // finiteness probe that costs one subtract-add per vector; x − x is not folded without -ffinite-math-only).
 template <typename T>
@@ -37,32 +92,20 @@ T weighted_rows(const T* const* rows, const T* w, int n_rows, int64_t d, T* out)
   constexpr int VL = S::kLanes;
   V probe{};
   int64_t c = 0;
-  for (; c + 4 * VL <= d; c += 4 * VL) {
-    V a0{}, a1{}, a2{}, a3{};
-    for (int j = 0; j < n_rows; ++j) {
-      const T* r = rows[j] + c;
-      const V s = S::splat(w[j]);
-      a0 += s * S::load(r);
-      a1 += s * S::load(r + VL);
-      a2 += s * S::load(r + 2 * VL);
-      a3 += s * S::load(r + 3 * VL);
-    }
-    S::store(out + c, a0), S::store(out + c + VL, a1), S::store(out + c + 2 * VL, a2);
-    S::store(out + c + 3 * VL, a3);
-    probe += (a0 - a0) + (a1 - a1) + (a2 - a2) + (a3 - a3);
-  }
-  for (; c + VL <= d; c += VL) {
-    V a0{};
-    for (int j = 0; j < n_rows; ++j) a0 += S::splat(w[j]) * S::load(rows[j] + c);
-    S::store(out + c, a0);
-    probe += a0 - a0;
-  }
+  for (; c + 4 * VL <= d; c += 4 * VL) probe += weighted_block<T, 4>(rows, w, n_rows, c, out);
+  for (; c + 2 * VL <= d; c += 2 * VL) probe += weighted_block<T, 2>(rows, w, n_rows, c, out);
+  for (; c + VL <= d; c += VL) probe += weighted_block<T, 1>(rows, w, n_rows, c, out);
   T scalar_probe = S::sum(probe);
   for (; c < d; ++c) {
-    T acc = T(0);
-    for (int j = 0; j < n_rows; ++j) acc += w[j] * rows[j][c];
-    out[c] = acc;
-    scalar_probe += acc - acc;
+    T even = T(0), odd = T(0);
+    int j = 0;
+    for (; j + 2 <= n_rows; j += 2) {
+      even += w[j] * rows[j][c];
+      odd += w[j + 1] * rows[j + 1][c];
+    }
+    if (j < n_rows) even += w[j] * rows[j][c];
+    out[c] = even + odd;
+    scalar_probe += out[c] - out[c];
   }
   return scalar_probe;
 }
