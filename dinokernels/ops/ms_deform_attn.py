@@ -5,6 +5,10 @@ backward is its own op, so torch.compile and opcheck see both).
 The level table (spatial_shapes, level_start_index) is read on the host inside the ops: from a CUDA tensor that
 costs one small device-to-host copy per call (pass CPU tensors to avoid it). The public function checks only
 metadata, so it traces under torch.compile(fullgraph=True); the values are checked inside the ops and again in C++.
+
+Non-finite input (DINOKERNELS_CHECK_FINITE=1, the default): the CPU forward notices NaN/inf in the locations, the
+weights or the output while it runs (no extra pass); on CUDA one fused isfinite reduction is read back (a sync). A
+NaN/inf value pixel that no sample reaches does not raise.
 """
 from typing import Tuple
 
