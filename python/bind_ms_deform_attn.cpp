@@ -16,8 +16,8 @@ void init_ms_deform_attn(py::module_& m) {
         py::arg("channels"), py::arg("queries"), py::arg("levels"), py::arg("points"), py::arg("output"),
         py::arg("num_threads"));
   m.def("ms_deform_attn_backward_workspace_bytes_cpu", &backward_workspace_bytes_cpu, py::arg("batch"),
-        py::arg("spatial"), py::arg("heads"), py::arg("channels"), py::arg("queries"), py::arg("dtype"),
-        py::arg("num_threads"));
+        py::arg("spatial"), py::arg("heads"), py::arg("channels"), py::arg("queries"), py::arg("levels"),
+        py::arg("points"), py::arg("dtype"), py::arg("num_threads"));
   m.def("ms_deform_attn_backward_cpu", dk_bind::without_gil(&backward_cpu), py::arg("grad_output"), py::arg("value"),
         py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("dtype"), py::arg("batch"), py::arg("spatial"), py::arg("heads"),

@@ -37,7 +37,7 @@ bool forward_cpu(std::uintptr_t value,               // (N, S, M, D) dtype
 // Bytes of scratch backward_cpu needs: head-major copies of value and grad_value (M > 1), plus partial grad_value
 // copies when N·M heads cannot keep the threads busy.
 int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
-                                     int64_t queries, int dtype, int num_threads);
+                                     int64_t queries, int64_t levels, int64_t points, int dtype, int num_threads);
 
 void backward_cpu(std::uintptr_t grad_output,  // (N, Lq, M, D) dtype
                   std::uintptr_t value, std::uintptr_t spatial_shapes, std::uintptr_t level_start_index,

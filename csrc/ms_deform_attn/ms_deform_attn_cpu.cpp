@@ -215,15 +215,21 @@ int64_t query_chunks(int64_t batch, int64_t heads, int64_t queries, int num_thre
   return std::min<int64_t>((num_threads + owners - 1) / owners, queries);
 }
 
-// Scratch of the backward, in elements of the value's dtype. With M > 1 heads the scatter runs on head-major copies,
+// Scratch of the backward, in elements of the value's dtype. With M > 1 heads the scatter can run on head-major copies,
 // (N, M, S, D): the value rows of one head and their gradient rows are then contiguous, so a bilinear footprint
 // touches neighbouring cache lines instead of lines 1 KB apart (about 2× faster at Grounding DINO's shapes).
 // Layout: [value (N, M, S, D)] [accumulator 0] [accumulator 1] ... for M > 1; [accumulator 1] ... for M = 1, whose
 // accumulator 0 is grad_value itself.
+// The copies cost three passes over N·S·M·D, so they are made only when the samples outnumber the value rows (the
+// encoder, Lq = S: yes; a decoder's 900 queries on 22k pixels: no).
+bool use_head_major(int64_t spatial, int64_t heads, int64_t queries, int64_t levels, int64_t points) {
+  return heads > 1 && queries * levels * points >= 2 * spatial;
+}
+
 int64_t backward_workspace_elements(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
-                                    int64_t queries, int num_threads) {
+                                    int64_t queries, int64_t levels, int64_t points, int num_threads) {
   const int64_t numel = batch * spatial * heads * channels, chunks = query_chunks(batch, heads, queries, num_threads);
-  return heads > 1 ? (1 + chunks) * numel : (chunks - 1) * numel;
+  return use_head_major(spatial, heads, queries, levels, points) ? (1 + chunks) * numel : (chunks - 1) * numel;
 }
 
 template <typename T>
@@ -234,10 +240,11 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
   const int64_t chunks = query_chunks(s.batch, s.heads, s.queries, num_threads);
   const int64_t per_chunk = (s.queries + chunks - 1) / chunks;
   const int64_t tasks = s.batch * s.heads * chunks;
-  const bool head_major = s.heads > 1;
+  const bool head_major = use_head_major(s.spatial, s.heads, s.queries, s.levels, s.points);
   const T* vsrc = head_major ? workspace : value;
   T* acc0 = head_major ? workspace + numel : grad_value;
   T* acc_rest = head_major ? workspace + 2 * numel : workspace;  // accumulators 1 .. chunks − 1
+  const int64_t stride = head_major ? d : s.heads * d;            // between the value rows of one head
   const int threads = clamp_threads(num_threads, std::max(tasks, numel / 65536 + 1));
 #pragma omp parallel num_threads(threads)
   {
@@ -261,8 +268,10 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, nm = task / chunks, n = nm / s.heads, m = nm % s.heads;
       const int64_t q0 = chunk * per_chunk, q1 = std::min(s.queries, q0 + per_chunk);
-      const T* vbase = vsrc + nm * plane;  // (n, m) plane: row r at r·D
-      T* gbase = (chunk == 0 ? acc0 : acc_rest + (chunk - 1) * numel) + nm * plane;
+      // (n, m) slice: row r at r·stride
+      const int64_t slice = head_major ? nm * plane : n * s.spatial * s.heads * d + m * d;
+      const T* vbase = vsrc + slice;
+      T* gbase = (chunk == 0 ? acc0 : acc_rest + (chunk - 1) * numel) + slice;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t row = (n * s.queries + q) * s.heads + m;
         const T* g = grad_out + row * d;
@@ -271,7 +280,7 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
         T* gxy = grad_loc + row * lp * 2;
         T* ga = grad_attn + row * lp;
         for (int l = 0; l < lv.count; ++l) {
-          const int64_t level = lv.start[l] * d;
+          const int64_t level = lv.start[l] * stride;
           for (int64_t p = 0; p < s.points; ++p) {
             const int64_t i = l * s.points + p;
             Footprint<T> f;
@@ -285,7 +294,7 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
                 dot[k] = T(0);
                 continue;
               }
-              const int64_t off = level + f.row[k] * d;
+              const int64_t off = level + f.row[k] * stride;
               dot[k] = dot_and_scatter(g, vbase + off, gbase + off, a[i] * f.weight[k], d);
             }
             sample_gradients(f, dot, a[i], lv.height[l], lv.width[l], ga[i], gxy[2 * i], gxy[2 * i + 1]);
@@ -294,12 +303,12 @@ void backward_impl(const Sizes& s, const Levels& lv, const T* grad_out, const T*
       }
     }
     if (head_major || chunks > 1) {
-      // grad_value (N, S, M, D) = Σ_chunk accumulator (N, M, S, D), in chunk order. For M = 1 accumulator 0 is
-      // grad_value and the layouts coincide, so this adds in place.
+      // grad_value (N, S, M, D) = Σ_chunk accumulator, in chunk order. Without the head-major copies accumulator 0
+      // is grad_value itself and this adds the others in place.
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows_total; ++r) {
         const int64_t n = r / (s.spatial * s.heads), sp = (r / s.heads) % s.spatial, m = r % s.heads;
-        const int64_t src = (n * s.heads + m) * plane + sp * d;
+        const int64_t src = head_major ? (n * s.heads + m) * plane + sp * d : r * d;
         T* dst = grad_value + r * d;
         for (int64_t c = 0; c < d; ++c) {
           T sum = acc0[src + c];
@@ -346,11 +355,12 @@ bool forward_cpu(std::uintptr_t value, std::uintptr_t spatial_shapes, std::uintp
 }
 
 int64_t backward_workspace_bytes_cpu(int64_t batch, int64_t spatial, int64_t heads, int64_t channels,
-                                     int64_t queries, int dtype, int num_threads) {
+                                     int64_t queries, int64_t levels, int64_t points, int dtype, int num_threads) {
   check_dtype(dtype, dtype == kFloat32 || dtype == kFloat64, kOp, "value");
   DK_CHECK_ARG(batch >= 0 && spatial >= 0 && heads >= 0 && channels >= 0 && queries >= 0, kOp, "value",
                "has negative sizes");
-  return backward_workspace_elements(batch, spatial, heads, channels, queries, num_threads) * element_size(dtype);
+  return backward_workspace_elements(batch, spatial, heads, channels, queries, levels, points, num_threads) *
+         element_size(dtype);
 }
 
 void backward_cpu(std::uintptr_t grad_output, std::uintptr_t value, std::uintptr_t spatial_shapes,
@@ -375,7 +385,8 @@ void backward_cpu(std::uintptr_t grad_output, std::uintptr_t value, std::uintptr
                            {grad_locations, "grad_locations"}, {grad_weights, "grad_weights"}})
     check_pointer(as_ptr<void>(ptr), kOp, name);
   check_workspace(workspace, workspace_bytes,
-                  backward_workspace_bytes_cpu(batch, spatial, heads, channels, queries, dtype, num_threads),
+                  backward_workspace_bytes_cpu(batch, spatial, heads, channels, queries, levels, points, dtype,
+                                               num_threads),
                   element_size(dtype), kOp);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -145,7 +145,8 @@ def ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: 
     if value.device.type == "cpu":
         grad_value = torch.empty_like(value)
         code, threads = D.dtype_code(value.dtype), D.cpu_threads()
-        nbytes = _ext.module().ms_deform_attn_backward_workspace_bytes_cpu(n, s, m, d, lq, code, threads)
+        nbytes = _ext.module().ms_deform_attn_backward_workspace_bytes_cpu(n, s, m, d, lq, levels, points, code,
+                                                                             threads)
         ws = D.workspace(nbytes, value.device)
         _ext.kernel(op, "cpu")(*ptrs, code, *sizes, grad_value.data_ptr(), grad_loc.data_ptr(),
                                grad_attn.data_ptr(), ws.data_ptr(), nbytes, threads)

@@ -191,9 +191,11 @@ def test_gradcheck_realistic_d32():
                                     eps=1e-6, atol=1e-6)
 
 
-def test_backward_is_deterministic_and_split_queries_match():
-    # N·M = 1 head cannot feed 4 threads: the backward then splits the queries over partial grad_value copies.
-    inputs = make_inputs(1, 200, 1, 6, [(6, 7), (3, 3)], 4, "realistic")
+@pytest.mark.parametrize("m,lq", [(1, 200), (2, 200), (2, 5)])
+def test_backward_is_deterministic_and_split_queries_match(m, lq):
+    # N·M < 4 heads cannot feed 4 threads: the backward then splits the queries over partial grad_value copies;
+    # (2, 200) also scatters into head-major copies, (2, 5) (fewer samples than value rows) does not.
+    inputs = make_inputs(1, lq, m, 6, [(6, 7), (3, 3)], 4, "realistic")
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
