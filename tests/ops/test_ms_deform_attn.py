@@ -72,6 +72,26 @@ def assert_close_scaled(actual, expected, rtol, name=""):
 
 NAMES = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
 
+
+def near_kink(loc, shapes, tol=1e-4):
+    """(N, Lq, M, L, P, 2) mask of samples with a pixel coordinate within `tol` of an integer. There the location
+    gradient jumps (another corner pair takes over, or the sample starts being skipped), so a float32 position that
+    rounds across the integer gives the other one-sided derivative. Output and the other gradients are continuous."""
+    sizes = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(loc.device, torch.float64)  # (L, 2) as (W, H)
+    pix = loc.double() * sizes[:, None, :] - 0.5
+    near = ((pix - pix.round()).abs() < tol).any(-1, keepdim=True)
+    return near.expand_as(loc)
+
+
+def mask_kinks(got, want, loc, shapes):
+    """Zeroes the location gradients of samples next to a kink (see near_kink) in both results."""
+    mask = near_kink(loc, shapes)
+    assert mask.double().mean() < 0.05, "too many samples next to a kink for a meaningful comparison"
+    got, want = list(got), list(want)
+    got[2] = got[2].masked_fill(mask, 0)
+    want[2] = want[2].masked_fill(mask, 0)
+    return got, want
+
 # (N, Lq, M, D, levels (H, W), P, location mode)
 CASES = {
     "non_square_1x1": (2, 7, 3, 5, [(5, 7), (3, 2), (1, 1)], 4, "uniform"),
@@ -113,6 +133,7 @@ def test_float32_matches_float64(case):
     got, grad_out = forward_and_grads(ms_deform_attn, inputs)
     inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
     want, _ = forward_and_grads(ms_deform_attn_gather_ref, inputs64, grad_out.double())
+    got, want = mask_kinks(got, want, inputs[3], inputs[1])
     for name, a, b in zip(NAMES, got, want):
         assert a.dtype == torch.float32
         assert_close_scaled(a, b, 2e-4, name)
@@ -413,6 +434,8 @@ def _lowp_errors(dtype, location_dtype, case):
     # PyTorch's own formulation in this precision (grid_sample needs the grid in the value's dtype).
     torch_inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
     torch_lowp, _ = forward_and_grads(ms_deform_attn_ref, torch_inputs, grad_out)
+    if location_dtype == torch.float32:  # 16-bit locations times W are exact in float32: no kink can flip
+        got, want = mask_kinks(got, want, inputs[3], inputs[1])
     return got, want, torch_lowp
 
 
@@ -445,8 +468,9 @@ def test_cuda_float32_matches_cpu_kernel():
     inputs = make_inputs(2, 100, 4, 32, [(8, 10), (4, 5), (2, 3), (1, 2)], 4, "realistic", dtype=torch.float32)
     cpu, grad_out = forward_and_grads(ms_deform_attn, inputs)
     gpu, _ = forward_and_grads(ms_deform_attn, [t.cuda() for t in inputs], grad_out.cuda())
+    gpu, cpu = mask_kinks([t.cpu() for t in gpu], cpu, inputs[3], inputs[1])
     for name, a, b in zip(NAMES, gpu, cpu):
-        assert_close_scaled(a.cpu(), b, 1e-4, name)
+        assert_close_scaled(a, b, 1e-4, name)
 
 
 @pytest.mark.cuda
