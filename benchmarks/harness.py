@@ -260,7 +260,8 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "ibot_patch_loss": ["n", "K", "dtype", "mode"],
               "softmax_center": ["N", "K", "dtype", "sum"],
               "sinkhorn_knopp": ["N", "K", "dtype", "iters"],
-              "matcher": ["part", "L", "B", "Q", "G", "T", "map", "dtype"]}
+              "matcher": ["part", "L", "B", "Q", "G", "T", "map", "dtype"],
+              "ms_deform_attn": ["case", "locations", "N", "Lq", "S", "dtype", "mode"]}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts

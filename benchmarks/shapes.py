@@ -28,3 +28,12 @@ SINKHORN_QUICK = [{"N": 1024, "K": 65536}]
 MATCHER = [{"L": 1, "B": 4, "Q": 900, "G": 20, "T": 256}, {"L": 7, "B": 4, "Q": 900, "G": 20, "T": 256},
            {"L": 1, "B": 4, "Q": 900, "G": 100, "T": 256}]
 MATCHER_QUICK = [{"L": 1, "B": 4, "Q": 900, "G": 20, "T": 256}]
+
+# Multi-scale deformable attention (SPEC §4, §5.2, §7.2): the Grounding DINO Swin-T encoder on an 800×1333 image,
+# 4 levels at strides 8/16/32/64 (ceil: 100×167, 50×84, 25×42, 13×21 → S = 22,223), M = 8 heads, D = 32, P = 4,
+# one query per pixel (Lq = S); and its decoder cross-attention (900 queries, 4-d box references).
+GDINO_LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
+MSDA = [{"case": "gdino_encoder", "locations": "realistic", "N": 1, "Lq": 22223},
+        {"case": "gdino_encoder", "locations": "random", "N": 1, "Lq": 22223},
+        {"case": "gdino_decoder", "locations": "realistic", "N": 2, "Lq": 900}]
+MSDA_QUICK = MSDA[:1]

@@ -1,0 +1,104 @@
+// Arithmetic shared by the CPU and CUDA kernels (DESIGN §2): the level table and its validation, the bilinear
+// set-up of one sample, and the per-sample gradient formulas. CI runs only the CPU path, so everything here is
+// verified there.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/dk_common.h"
+#include "ms_deform_attn.h"
+
+namespace dk {
+namespace ms_deform_attn {
+
+constexpr const char* kOp = "ms_deform_attn";
+
+// Level geometry, small enough to pass by value as a CUDA kernel parameter.
+struct Levels {
+  int count;
+  int height[kMaxLevels], width[kMaxLevels];
+  int64_t start[kMaxLevels];
+};
+
+struct Sizes {
+  int64_t batch, spatial, heads, channels, queries, levels, points;
+};
+
+// Reads and checks the host level table against S; throws with the argument named.
+inline Levels read_levels(std::uintptr_t spatial_shapes, std::uintptr_t level_start_index, const Sizes& s) {
+  DK_CHECK_ARG(s.batch >= 0 && s.queries >= 0, kOp, "sampling_locations", "has negative sizes N=", s.batch,
+               " Lq=", s.queries);
+  DK_CHECK_ARG(s.spatial >= 1 && s.heads >= 1 && s.channels >= 1, kOp, "value",
+               "needs S, M, D >= 1, got S=", s.spatial, " M=", s.heads, " D=", s.channels);
+  DK_CHECK_ARG(s.levels >= 1 && s.levels <= kMaxLevels, kOp, "spatial_shapes", "must have 1 to ", kMaxLevels,
+               " levels, got L=", s.levels);
+  DK_CHECK_ARG(s.points >= 1 && s.points <= kMaxPoints, kOp, "sampling_locations", "must have 1 to ", kMaxPoints,
+               " points per level, got P=", s.points);
+  check_pointer(as_ptr<void>(spatial_shapes), kOp, "spatial_shapes");
+  check_pointer(as_ptr<void>(level_start_index), kOp, "level_start_index");
+  const int64_t* shapes = as_ptr<const int64_t>(spatial_shapes);
+  const int64_t* starts = as_ptr<const int64_t>(level_start_index);
+  Levels lv{};
+  lv.count = int(s.levels);
+  int64_t total = 0;
+  for (int l = 0; l < lv.count; ++l) {
+    const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
+    DK_CHECK_ARG(h >= 1 && w >= 1 && h <= (1 << 24) && w <= (1 << 24), kOp, "spatial_shapes", "level ", l,
+                 " has (H, W) = (", h, ", ", w, "); each must be in [1, 2^24]");
+    DK_CHECK_ARG(starts[l] == total, kOp, "level_start_index", "must be the exclusive prefix sum of H·W; level ",
+                 l, " starts at ", starts[l], ", expected ", total);
+    lv.height[l] = int(h), lv.width[l] = int(w), lv.start[l] = total;
+    total += h * w;
+  }
+  DK_CHECK_ARG(total == s.spatial, kOp, "value", "has S=", s.spatial, " rows but the levels hold Σ H·W = ", total);
+  return lv;
+}
+
+DK_HOST_DEVICE DK_INLINE float dk_floor(float v) { return floorf(v); }
+DK_HOST_DEVICE DK_INLINE double dk_floor(double v) { return floor(v); }
+
+// One sample's bilinear footprint. Corner k = 2·dy + dx at (h0 + dy, w0 + dx); weight[k] is 0 and row[k] −1 for
+// corners outside the level (zero padding). row[k] is the pixel's row inside the level (h·W + w).
+template <typename A>
+struct Footprint {
+  A lh, lw, hh, hw;  // fractions: lh = h_im − h0, hh = 1 − lh (same for w)
+  A weight[4];
+  int64_t row[4];
+};
+
+// False when the sample is skipped entirely (outside (−1, H) × (−1, W), or NaN).
+template <typename A>
+DK_HOST_DEVICE DK_INLINE bool footprint(A x, A y, int height, int width, Footprint<A>& f) {
+  const A w_im = x * A(width) - A(0.5), h_im = y * A(height) - A(0.5);
+  if (!(h_im > A(-1) && w_im > A(-1) && h_im < A(height) && w_im < A(width))) return false;
+  const A hf = dk_floor(h_im), wf = dk_floor(w_im);
+  const int h0 = int(hf), w0 = int(wf);
+  f.lh = h_im - hf, f.lw = w_im - wf;
+  f.hh = A(1) - f.lh, f.hw = A(1) - f.lw;
+  const bool top = h0 >= 0, bottom = h0 + 1 <= height - 1, left = w0 >= 0, right = w0 + 1 <= width - 1;
+  f.weight[0] = (top && left) ? f.hh * f.hw : A(0);
+  f.weight[1] = (top && right) ? f.hh * f.lw : A(0);
+  f.weight[2] = (bottom && left) ? f.lh * f.hw : A(0);
+  f.weight[3] = (bottom && right) ? f.lh * f.lw : A(0);
+  f.row[0] = (top && left) ? int64_t(h0) * width + w0 : -1;
+  f.row[1] = (top && right) ? int64_t(h0) * width + w0 + 1 : -1;
+  f.row[2] = (bottom && left) ? int64_t(h0 + 1) * width + w0 : -1;
+  f.row[3] = (bottom && right) ? int64_t(h0 + 1) * width + w0 + 1 : -1;
+  return true;
+}
+
+// Gradients of one sample from dot[k] = Σ_c g_c·V_k[c] over the present corners (0 for missing ones):
+// grad_a = Σ_k w_k·dot_k; grad_x = W·a·∂v/∂w_im, grad_y = H·a·∂v/∂h_im (SPEC §4.2).
+template <typename A>
+DK_HOST_DEVICE DK_INLINE void sample_gradients(const Footprint<A>& f, const A dot[4], A a, int height, int width,
+                                              A& grad_a, A& grad_x, A& grad_y) {
+  grad_a = f.weight[0] * dot[0] + f.weight[1] * dot[1] + f.weight[2] * dot[2] + f.weight[3] * dot[3];
+  const A d_h = -f.hw * dot[0] - f.lw * dot[1] + f.hw * dot[2] + f.lw * dot[3];
+  const A d_w = -f.hh * dot[0] + f.hh * dot[1] - f.lh * dot[2] + f.lh * dot[3];
+  grad_x = A(width) * a * d_w;
+  grad_y = A(height) * a * d_h;
+}
+
+}  // namespace ms_deform_attn
+}  // namespace dk

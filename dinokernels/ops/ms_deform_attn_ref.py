@@ -1,0 +1,76 @@
+"""Pure-PyTorch references for multi-scale deformable attention (SPEC §4).
+
+ms_deform_attn_ref: Deformable-DETR's `ms_deform_attn_core_pytorch` (grid_sample, bilinear, zero padding,
+align_corners=False), the formulation every consumer falls back to. It materialises the sampled values,
+(N·M, D, Lq, P) per level.
+
+ms_deform_attn_gather_ref: the official CUDA kernel's arithmetic written with gathers (SPEC §4.2), including its
+rule that a sample outside (−1, H) × (−1, W) in pixel units is skipped. It equals the grid_sample form everywhere
+except exactly on that boundary, where the location gradient of grid_sample is non-zero and the kernel's is zero.
+Autograd gives every gradient; float64-friendly; for tests.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ms_deform_attn_ref", "ms_deform_attn_gather_ref"]
+
+
+def _level_sizes(spatial_shapes: Tensor):
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+def ms_deform_attn_ref(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                       sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """value (N, S, M, D), spatial_shapes (L, 2) (H, W), level_start_index (L,) (unused: levels are contiguous),
+    sampling_locations (N, Lq, M, L, P, 2) normalised (x, y), attention_weights (N, Lq, M, L, P)
+    → (N, Lq, M·D). Deformable-DETR models/ops/functions/ms_deform_attn_func.py, ms_deform_attn_core_pytorch."""
+    del level_start_index
+    n, _, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    sizes = _level_sizes(spatial_shapes)
+    value_list = value.split([h * w for h, w in sizes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampling_value_list = []
+    for lid, (h, w) in enumerate(sizes):
+        # N, H·W, M, D → N·M, D, H, W
+        value_l = value_list[lid].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        # N, Lq, M, P, 2 → N·M, Lq, P, 2
+        grid_l = sampling_grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
+        # N·M, D, Lq, P
+        sampling_value_list.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                                 align_corners=False))
+    # (N, Lq, M, L, P) → (N·M, 1, Lq, L·P)
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
+    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return output.transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_gather_ref(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Same contract as ms_deform_attn_ref; the official kernel's exact arithmetic (see the module docstring)."""
+    n, s, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    v = value.permute(0, 2, 1, 3)  # N, M, S, D
+    out = value.new_zeros(n, lq, m, d)
+    starts = [int(x) for x in level_start_index.tolist()]
+    for lid, (h, w) in enumerate(_level_sizes(spatial_shapes)):
+        x = sampling_locations[:, :, :, lid, :, 0] * w - 0.5  # N, Lq, M, P
+        y = sampling_locations[:, :, :, lid, :, 1] * h - 0.5
+        inside = (y > -1) & (x > -1) & (y < h) & (x < w)
+        x = torch.where(inside, x, torch.zeros_like(x))  # keeps floor() and the gradient finite when skipped
+        y = torch.where(inside, y, torch.zeros_like(y))
+        x0, y0 = torch.floor(x).detach(), torch.floor(y).detach()
+        lx, ly = x - x0, y - y0
+        hx, hy = 1 - lx, 1 - ly
+        sampled = value.new_zeros(n, lq, m, points, d)
+        for dy, dx, weight in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+            yy, xx = y0 + dy, x0 + dx
+            valid = inside & (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
+            index = starts[lid] + (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).long()  # N, Lq, M, P
+            index = index.permute(0, 2, 1, 3).reshape(n, m, lq * points, 1).expand(n, m, lq * points, d)
+            corner = v.gather(2, index).reshape(n, m, lq, points, d).permute(0, 2, 1, 3, 4)  # N, Lq, M, P, D
+            sampled = sampled + torch.where(valid, weight, torch.zeros_like(weight))[..., None] * corner
+        out = out + (attention_weights[:, :, :, lid, :, None] * sampled).sum(-2)
+    del s
+    return out.reshape(n, lq, m * d)
