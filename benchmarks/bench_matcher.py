@@ -53,6 +53,8 @@ def make_inputs(L, B, Q, G, T, kind, device, dtype):
 def detr_style_cost(logits, boxes, targets, alpha=0.25, gamma=2.0, w_class=1.0, w_bbox=5.0, w_giou=2.0):
     """Open-GroundingDino's matcher cost: (B, Q, ΣG) on the CPU, split into per-image numpy blocks."""
     bs, num_queries = logits.shape[:2]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # matchers run in float32 (and cdist has no CUDA bf16)
+        logits, boxes = logits.float(), boxes.float()
     out_prob = logits.flatten(0, 1).sigmoid()
     out_bbox = boxes.flatten(0, 1)
     tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox.dtype)
