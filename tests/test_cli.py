@@ -1,4 +1,4 @@
-"""The command line: `dinokernels info` still works; `pretrain` (a small smoke run through the console entry point),
+"""The command line: `dinokernels info` still works; `pretrain` (a small smoke run through `python -m dinokernels`),
 `knn` and `attention` on the checkpoint it writes; flag parsing (official defaults with --data, the digits preset
 without); no torchvision/timm import."""
 import argparse
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -14,8 +15,11 @@ from dinokernels.cli import _pretrain_config
 
 
 def run_cli(*args, timeout=300):
+    # Run from outside the repository: `-m` puts the working directory first on sys.path, and from the repository
+    # root that is the source tree, which has no compiled module when the package is installed non-editable (CI).
     return subprocess.run([sys.executable, "-m", "dinokernels", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, DINOKERNELS_BACKEND="kernel"))
+                          timeout=timeout, env=dict(os.environ, DINOKERNELS_BACKEND="kernel"),
+                          cwd=tempfile.gettempdir())
 
 
 def _parse(argv):

@@ -121,6 +121,9 @@ def test_inf_entries_forbid_pairs():
     for b, (r, c) in zip(feasible, pairs):
         assert torch.isfinite(cost[b, r, c]).all()
         check_problem(cost[b].numpy(), r, c)
+    for b in sorted(set(range(cost.shape[0])) - set(feasible))[:20]:  # what scipy refuses, the solver refuses
+        with pytest.raises(ValueError, match="infeasible"):
+            linear_sum_assignment(cost[b])
 
 
 def test_infeasible_nan_and_neg_inf_raise():
