@@ -42,7 +42,7 @@ _RECIPE = [
     ("lr", float, {}, "peak learning rate for a total batch of 256, scaled linearly (official 0.0005)"),
     ("warmup_epochs", int, {}, "linear learning-rate warm-up epochs (official 10)"),
     ("min_lr", float, {}, "final learning rate (official 1e-6)"),
-    ("optimizer", str, {"choices": ["adamw", "sgd"]}, "optimiser (official adamw)"),
+    ("optimizer", str, {"choices": ["adamw", "sgd", "lars"]}, "optimiser (official adamw)"),
     ("drop_path_rate", float, {}, "student stochastic depth (official 0.1)"),
     ("global_crops_scale", float, {"nargs": 2, "metavar": ("LO", "HI")}, "global crop area range (official 0.4 1)"),
     ("local_crops_number", int, {}, "local crops per image (official 8)"),

@@ -39,7 +39,7 @@ class PretrainConfig:
     lr: float = 0.0005  # for a total batch of 256; scaled linearly by batch_size_per_gpu·world_size/256
     warmup_epochs: int = 10
     min_lr: float = 1e-6
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | lars
     drop_path_rate: float = 0.1
     # ---- multi-crop ----
     global_crops_scale: Tuple[float, float] = (0.4, 1.0)
@@ -92,8 +92,8 @@ class PretrainConfig:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.centering not in ("centering", "sinkhorn_knopp"):
             problems.append(f"centering must be centering or sinkhorn_knopp, got {self.centering!r}")
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.optimizer not in ("adamw", "sgd", "lars"):
+            problems.append(f"optimizer must be adamw, sgd or lars, got {self.optimizer!r}")
         for name in ("flip_p", "color_jitter_p", "grayscale_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")

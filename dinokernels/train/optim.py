@@ -5,7 +5,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-__all__ = ["get_params_groups", "clip_gradients", "cancel_gradients_last_layer", "build_optimizer"]
+__all__ = ["get_params_groups", "clip_gradients", "cancel_gradients_last_layer", "build_optimizer", "LARS"]
 
 
 def get_params_groups(model: nn.Module) -> List[Dict]:
@@ -49,11 +49,55 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             param.grad = None
 
 
+class LARS(torch.optim.Optimizer):
+    """DINO's LARS (utils.LARS, from Barlow Twins), for convnets and large batches. For every tensor that is not
+    1-D: g ← g + wd·p, then g ← g·η‖p‖/‖g‖ (×1 when either norm is 0); 1-D tensors (biases, norms) get neither.
+    Then μ ← momentum·μ + g and p ← p − lr·μ. The `weight_decay_filter` / `lars_adaptation_filter` arguments of
+    the official class are accepted and, as there, unused."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001, weight_decay_filter=None,
+                 lars_adaptation_filter=None):
+        if lr < 0 or weight_decay < 0 or momentum < 0 or eta <= 0:
+            raise ValueError(f"LARS needs lr, weight_decay, momentum >= 0 and eta > 0, got lr={lr}, "
+                             f"weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    # Device-side where: no host read per tensor.
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
 def build_optimizer(name: str, params_groups: List[Dict]) -> torch.optim.Optimizer:
-    """adamw (default betas; for ViTs) or sgd (momentum 0.9). The learning rate and weight decay are set by the
-    schedules every iteration, so the constructor values do not matter."""
+    """adamw (default betas; for ViTs), sgd (momentum 0.9) or lars (momentum 0.9, η = 0.001; convnets, large
+    batches), as main_dino.py. The learning rate and weight decay are set by the schedules every iteration, so
+    the constructor values do not matter."""
     if name == "adamw":
         return torch.optim.AdamW(params_groups)
     if name == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r} (LARS is not provided)")
+    if name == "lars":
+        return LARS(params_groups)
+    raise ValueError(f"optimizer must be 'adamw', 'sgd' or 'lars', got {name!r}")

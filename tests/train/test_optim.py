@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dinokernels.models.dino import DINOHead, MultiCropWrapper, build_backbone
-from dinokernels.train.optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
+from dinokernels.train.optim import (LARS, build_optimizer, cancel_gradients_last_layer, clip_gradients,
+                                     get_params_groups)
 
 
 def _model(norm_last_layer=True):
@@ -115,5 +116,66 @@ def test_build_optimizer():
     groups = get_params_groups(nn.Linear(3, 2))
     assert isinstance(build_optimizer("adamw", groups), torch.optim.AdamW)
     assert isinstance(build_optimizer("sgd", get_params_groups(nn.Linear(3, 2))), torch.optim.SGD)
+    assert isinstance(build_optimizer("lars", get_params_groups(nn.Linear(3, 2))), LARS)
     with pytest.raises(ValueError, match="optimizer"):
-        build_optimizer("lars", groups)
+        build_optimizer("lamb", groups)
+
+
+class OfficialLARS(torch.optim.Optimizer):
+    """facebookresearch/dino utils.LARS, verbatim but for formatting."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001,
+                 weight_decay_filter=None, lars_adaptation_filter=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                if p.ndim != 1:
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0, (g['eta'] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                param_state = self.state[p]
+                if 'mu' not in param_state:
+                    param_state['mu'] = torch.zeros_like(p)
+                mu = param_state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def test_lars_matches_official():
+    """Same parameters after several steps with schedules changing lr and weight decay, a zero weight tensor
+    (trust ratio 1) and a frozen tensor with no gradient."""
+    torch.manual_seed(0)
+    models = [_model(norm_last_layer=False) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        m.backbone.blocks[0].mlp.fc2.weight.data.zero_()  # ‖p‖ = 0: trust ratio 1
+    optims = [LARS(get_params_groups(models[0])), OfficialLARS(get_params_groups(models[1]))]
+    x = torch.randn(4, 3, 16, 16)
+    for it in range(4):
+        for model, opt in zip(models, optims):
+            for i, group in enumerate(opt.param_groups):
+                group["lr"] = 0.1 / (it + 1)
+                if i == 0:
+                    group["weight_decay"] = 0.04 + 0.01 * it
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            model.head.last_layer.weight_v.grad = None
+            opt.step()
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert models[0].backbone.blocks[0].mlp.fc2.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="eta"):
+        LARS(get_params_groups(models[0]), eta=0)
