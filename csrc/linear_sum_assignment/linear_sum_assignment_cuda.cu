@@ -1,8 +1,9 @@
 // Batched LSA on CUDA: one block per problem, every problem in one launch, no host round trip. Each block
 // copies its problem (transposed when tall) into a float64 workspace, checking for NaN/−inf, then runs the
 // CPU's shortest-augmenting-path loop with the column scan of every Dijkstra step spread over the block and the
-// minimum found by a block reduction on (path length, column taken, column index): the CPU's preference for a
-// free column on ties, then the lowest index. Bookkeeping (path augmentation, output compaction) is serial on
+// minimum found by a block reduction on (path length, column taken, column index): on ties a free column, then the
+// lowest index. The CPU (scipy) breaks ties by its scan order instead, so on ties the two may return different
+// assignments of the same, optimal, total cost. Bookkeeping (path augmentation, output compaction) is serial on
 // thread 0: O(path length) per augmentation.
 #include <cstdint>
 

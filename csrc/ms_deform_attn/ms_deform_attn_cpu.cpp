@@ -209,10 +209,14 @@ T dot_and_scatter(const T* g, const T* v, T* gv, T alpha, int64_t d) {
   return total;
 }
 
+// Each query chunk beyond the first costs a grad_value-sized accumulator: at most kMaxQueryChunks of them, so a
+// 64-thread machine does not allocate 30 copies of grad_value for N·M = 2 (it leaves threads idle instead).
+constexpr int64_t kMaxQueryChunks = 8;
+
 int64_t query_chunks(int64_t batch, int64_t heads, int64_t queries, int num_threads) {
   const int64_t owners = batch * heads;
   if (owners <= 0 || owners >= num_threads || queries <= 1) return 1;
-  return std::min<int64_t>((num_threads + owners - 1) / owners, queries);
+  return std::min<int64_t>(std::min<int64_t>((num_threads + owners - 1) / owners, queries), kMaxQueryChunks);
 }
 
 // Scratch of the backward, in elements of the value's dtype. With M > 1 heads the scatter can run on head-major copies,

@@ -22,6 +22,10 @@ def linear_sum_assignment_op(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -
     K = min(N, M)
     for name, t in (("cost", cost), ("num_rows", num_rows), ("num_cols", num_cols)):
         D.check_contiguous(op, name, t)
+    if cost.device.type == "cuda" and B:  # the CUDA kernel trusts the sizes (the CPU one checks them itself)
+        for name, t, limit in (("num_rows", num_rows, N), ("num_cols", num_cols, M)):
+            if t.shape != (B,) or int(t.min()) < 0 or int(t.max()) > limit:
+                raise D.arg_error(op, name, f"must be (B={B},) with entries in [0, {limit}], got {t.tolist()}")
     rows = cost.new_empty((B, K), dtype=torch.int64)
     cols = cost.new_empty((B, K), dtype=torch.int64)
     status = cost.new_zeros((B,), dtype=torch.int32)
@@ -64,10 +68,14 @@ def _sizes(op: str, arg: str, value, B: int, limit: int) -> Tensor:
             t = value.detach().to("cpu", torch.int64)
         else:
             try:
-                t = torch.as_tensor(list(value), dtype=torch.int64)
+                t = torch.as_tensor(list(value))
             except (TypeError, ValueError, RuntimeError):
+                t = None
+            # Floats are refused, not truncated (2.7 rows is a bug upstream, not 2 rows).
+            if t is None or (t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)):
                 raise D.arg_error(op, arg, f"must be an int, a sequence of ints or an integer tensor, got "
                                            f"{value!r}", TypeError) from None
+            t = t.to(torch.int64)
         if t.dim() != 1 or t.shape[0] != B:
             raise D.arg_error(op, arg, f"must have one entry per problem (B={B}), got shape {tuple(t.shape)}")
     if B and (int(t.min()) < 0 or int(t.max()) > limit):

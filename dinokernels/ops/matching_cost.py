@@ -25,6 +25,10 @@ def matching_cost_op(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor,
                     ("tgt_counts", tgt_counts), ("positive_map", positive_map)):
         D.check_contiguous(op, name, t)
     cpu = pred_logits.device.type == "cpu"
+    if not cpu and B and (tgt_counts.shape != (B,) or int(tgt_counts.min()) < 0 or int(tgt_counts.max()) > G):
+        # The CUDA kernel trusts the counts (the CPU one checks them itself).
+        raise D.arg_error(op, "tgt_counts", f"must be (B={B},) with entries in [0, G={G}], got "
+                                            f"{tgt_counts.tolist()}")
     out = pred_logits.new_empty((B, Q, G), dtype=pred_logits.dtype if cpu else torch.float32)
     args = (pred_logits.data_ptr(), pred_boxes.data_ptr(), tgt_boxes.data_ptr(), tgt_counts.data_ptr(),
             positive_map.data_ptr(), D.dtype_code(pred_logits.dtype), B, Q, T, G, float(cost_class),
@@ -65,6 +69,10 @@ def _check(op, pred_logits, pred_boxes, tgt_boxes, positive_map, tgt_counts, wei
                                               f"{tuple(positive_map.shape)}")
     if not (positive_map.is_floating_point() or positive_map.dtype == torch.bool):
         raise D.arg_error(op, "positive_map", f"must be bool or floating point, got {positive_map.dtype}", TypeError)
+    if positive_map.is_floating_point() and positive_map.numel() and \
+            not bool(((positive_map >= 0) & torch.isfinite(positive_map)).all()):
+        raise D.arg_error(op, "positive_map", "must hold nonnegative finite token weights (a negative weight could "
+                                              "cancel a positive one and zero the class cost)")
     for name, t in (("pred_boxes", pred_boxes), ("tgt_boxes", tgt_boxes), ("positive_map", positive_map)):
         if t.device != pred_logits.device:
             raise D.arg_error(op, name, f"must be on {pred_logits.device}, got {t.device}")
@@ -100,8 +108,10 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, po
     with p = σ(logit), pos = α(1−p)^γ(−log(p + 1e-8)), neg = (1−α)p^γ(−log(1 − p + 1e-8)): the Open-GroundingDino
     / HF cost (SPEC §6.2), whose class weight is 1.0 (mmdetection's summed variant uses 2.0; pass cost_class).
     A target with an all-zero map has class cost 0. GIoU as dinokernels.ops.generalized_box_iou (no eps, 0/0 := 0).
-    Columns g ≥ tgt_counts[b] hold pad_value (+inf: never a valid choice). Only the tokens some valid target
-    uses are read, so NaN logits elsewhere do not reach the cost. No gradient (matching runs under no_grad; the
+    Columns g ≥ tgt_counts[b] hold pad_value (+inf: never a valid choice). NaN/inf logits are not checked here: the
+    CPU kernel reads only the tokens some valid target uses (a NaN elsewhere does not reach the cost), while the CUDA
+    kernel and the reference read every token (a NaN logit makes its query's row NaN); HungarianMatcher rejects
+    non-finite predictions on every device. No gradient (matching runs under no_grad; the
     inputs are detached). CPU: float32/float64 (result in float64 for float64 logits, else float32; 16-bit
     input upcast); CUDA: float32/float16/bfloat16 logits, float32 arithmetic and result (float64 is downcast).
     """

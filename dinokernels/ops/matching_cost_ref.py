@@ -12,7 +12,10 @@ def counts_tensor(tgt_counts, B: int, G: int) -> Tensor:
     """tgt_counts as a CPU int64 (B,) tensor (None: every target valid)."""
     if tgt_counts is None:
         return torch.full((B,), G, dtype=torch.int64)
-    return torch.as_tensor(tgt_counts).detach().to("cpu", torch.int64).reshape(-1)
+    counts = torch.as_tensor(tgt_counts).detach()
+    if counts.numel() and (counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool):
+        raise TypeError(f"dinokernels.matching_cost: argument 'tgt_counts' must hold integers, got {tgt_counts!r}")
+    return counts.to("cpu", torch.int64).reshape(-1)
 
 
 def matching_cost_ref(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, positive_map: Tensor,

@@ -129,8 +129,17 @@ def test_bad_inputs():
     bad = dict(outputs)
     bad["pred_logits"] = bad["pred_logits"].clone()
     bad["pred_logits"][0, 0, :] = float("nan")
-    with pytest.raises(ValueError, match="invalid numeric entries"):
+    with pytest.raises(ValueError, match="pred_logits contains NaN"):  # every device alike
         matcher(bad, targets)
+    bad = dict(outputs)
+    bad["pred_boxes"] = bad["pred_boxes"].clone()
+    bad["pred_boxes"][1, 3, 2] = float("inf")
+    with pytest.raises(ValueError, match="pred_boxes contains NaN or inf"):
+        matcher(bad, targets)
+    # float64 predictions are matched against float64 targets (not float32-rounded ones)
+    tgt_boxes, positive_map, _ = matcher.pad_targets(targets, 4, torch.device("cpu"), dtype=torch.float64)
+    assert tgt_boxes.dtype == positive_map.dtype == torch.float64
+    assert torch.equal(tgt_boxes[1, :2], targets[1]["boxes"].double())
     with pytest.raises(ValueError, match="all costs are 0"):
         HungarianMatcher(0, 0, 0)
 

@@ -161,6 +161,8 @@ def test_bad_inputs():
         linear_sum_assignment(torch.rand(2, 3, 4), num_rows=[3, 4])
     with pytest.raises(ValueError, match="'num_cols'"):
         linear_sum_assignment(torch.rand(2, 3, 4), num_cols=[-1, 4])
+    with pytest.raises(TypeError, match="'num_cols'"):
+        linear_sum_assignment(torch.rand(2, 3, 4), num_cols=[2.7, 4])  # not truncated to 2
     with pytest.raises(ValueError, match="'num_rows'"):
         linear_sum_assignment(torch.rand(2, 3, 4), num_rows=[1, 2, 3])
     with pytest.raises(TypeError, match="'num_cols'"):

@@ -184,6 +184,15 @@ def test_bad_inputs():
         matching_cost(logits, pred, tgt, pmap, [3])
     with pytest.raises(TypeError, match="'tgt_counts'"):
         matching_cost(logits, pred, tgt, pmap, torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="'tgt_counts'"):
+        matching_cost(logits, pred, tgt, pmap, [1.0, 2.7])  # not truncated to [1, 2]
+    signed = pmap.float().clone()
+    signed[0, 0, 0] = -1.0
+    with pytest.raises(ValueError, match="'positive_map'.*nonnegative"):
+        matching_cost(logits, pred, tgt, signed, counts)
+    signed[0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="'positive_map'.*nonnegative"):
+        matching_cost(logits, pred, tgt, signed, counts)
     with pytest.raises(ValueError, match="'alpha'"):
         matching_cost(logits, pred, tgt, pmap, counts, alpha=1.5)
     with pytest.raises(ValueError, match="'cost_bbox'"):

@@ -212,14 +212,15 @@ def test_gradcheck_realistic_d32():
                                     eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("m,lq", [(1, 200), (2, 200), (2, 5)])
-def test_backward_is_deterministic_and_split_queries_match(m, lq):
+@pytest.mark.parametrize("m,lq,threads", [(1, 200, 4), (2, 200, 4), (2, 5, 4), (1, 200, 20)])
+def test_backward_is_deterministic_and_split_queries_match(m, lq, threads):
     # N·M < 4 heads cannot feed 4 threads: the backward then splits the queries over partial grad_value copies;
-    # (2, 200) also scatters into head-major copies, (2, 5) (fewer samples than value rows) does not.
+    # (2, 200) also scatters into head-major copies, (2, 5) (fewer samples than value rows) does not; 20 threads
+    # for one head hit the cap of 8 query chunks.
     inputs = make_inputs(1, lq, m, 6, [(6, 7), (3, 3)], 4, "realistic")
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(4)
+        torch.set_num_threads(threads)
         first, grad_out = forward_and_grads(ms_deform_attn, inputs)
         second, _ = forward_and_grads(ms_deform_attn, inputs, grad_out)
         torch.set_num_threads(1)

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ... import _config
 from ...ops.linear_sum_assignment import linear_sum_assignment_padded
 from ...ops.matching_cost import matching_cost
 
@@ -65,9 +66,10 @@ class HungarianMatcher(nn.Module):
         return self._match(logits, boxes, targets, label_map)
 
     def pad_targets(self, targets: Sequence[Dict[str, Tensor]], num_tokens: int, device: torch.device,
-                    label_map: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """targets → tgt_boxes (B, G, 4) float32, positive_map (B, G, T) float32, counts (B,) int64 CPU, with
-        G = the largest target count (the rest zero padding)."""
+                    label_map: Optional[Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
+        """targets → tgt_boxes (B, G, 4), positive_map (B, G, T) in `dtype` (float32, or float64 to match float64
+        predictions), counts (B,) int64 CPU, with G = the largest target count (the rest zero padding)."""
         B = len(targets)
         maps, boxes = [], []
         for i, t in enumerate(targets):
@@ -90,12 +92,12 @@ class HungarianMatcher(nn.Module):
             maps.append(m)
         counts = torch.tensor([b.shape[0] for b in boxes], dtype=torch.int64)
         G = int(counts.max()) if B else 0
-        tgt_boxes = torch.zeros(B, G, 4, device=device)
-        positive_map = torch.zeros(B, G, num_tokens, device=device)
+        tgt_boxes = torch.zeros(B, G, 4, device=device, dtype=dtype)
+        positive_map = torch.zeros(B, G, num_tokens, device=device, dtype=dtype)
         for i, (b, m) in enumerate(zip(boxes, maps)):
             if b.shape[0]:
-                tgt_boxes[i, :b.shape[0]] = b.to(device, torch.float32)
-                positive_map[i, :b.shape[0], :m.shape[1]] = m.to(device, torch.float32)
+                tgt_boxes[i, :b.shape[0]] = b.to(device, dtype)
+                positive_map[i, :b.shape[0], :m.shape[1]] = m.to(device, dtype)
         return tgt_boxes, positive_map, counts
 
     def _match(self, logits: Tensor, boxes: Tensor, targets, label_map) -> List[Indices]:
@@ -104,7 +106,13 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"HungarianMatcher: pred_boxes must be {(L, B, Q, 4)}, got {tuple(boxes.shape)}")
         if len(targets) != B:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {B}")
-        tgt_boxes, positive_map, counts = self.pad_targets(targets, T, logits.device, label_map)
+        if _config.check_finite() and not bool(torch.isfinite(logits).all() & torch.isfinite(boxes).all()):
+            # Checked here so that every device and backend raises alike (the CPU cost kernel skips tokens no
+            # target uses; a +inf box would otherwise surface as an "infeasible" assignment).
+            bad = "pred_logits" if not bool(torch.isfinite(logits).all()) else "pred_boxes"
+            raise ValueError(f"HungarianMatcher: {bad} contains NaN or inf")
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        tgt_boxes, positive_map, counts = self.pad_targets(targets, T, logits.device, label_map, dtype)
         G = tgt_boxes.shape[1]
         counts_l = counts.repeat(L)
         cost = matching_cost(logits.reshape(L * B, Q, T), boxes.reshape(L * B, Q, 4),
