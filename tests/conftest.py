@@ -10,12 +10,16 @@
 import functools
 import os
 import random
+import sys
 import zlib
 
 import pytest
 import torch
 
 import dinokernels
+
+# importlib mode keeps test folders off sys.path; this one holds dk_test_helpers (and no package to shadow).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 REQUIRE_CUDA = os.environ.get("DINOKERNELS_REQUIRE_CUDA", "0") == "1"
 BASE_SEED = int(os.environ.get("DINOKERNELS_TEST_SEED") or random.SystemRandom().randrange(2**31))

@@ -7,7 +7,6 @@ Registered ops: dinokernels::soft_ce_forward / soft_ce_backward (ops/soft_ce.py)
 """
 from typing import Tuple, Union
 
-import torch
 from torch import Tensor
 
 from . import _dispatch as D

@@ -12,6 +12,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import dino_loss, dino_loss_centered, softmax_center
 from dinokernels.ops.dino_loss_ref import dino_loss_centered_ref, dino_loss_ref
+from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
 
 
 class OfficialDINOLoss(nn.Module):
@@ -444,13 +445,6 @@ def test_centered_torch_compile_fullgraph():
 # ---------------------------------------------------------------- opcheck on the registered ops
 
 
-def registered(name):
-    ns = torch.ops.dinokernels
-    if not hasattr(ns, name):
-        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
-    return getattr(ns, name)
-
-
 # dinokernels::soft_ce_forward(student (S, B, K), teacher (T, B, K), center (K,) or None, weights (B,) or None,
 # skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum, arg_names) → (loss, student statistics,
 # target_sum, teacher statistics, teacher_sum); dinokernels::soft_ce_backward(grad_loss, student, teacher, center,
@@ -570,20 +564,6 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
 
 
 # ---------------------------------------------------------------- CUDA kernels
-
-CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def max_err(x, ref64):
-    return (x.detach().double().cpu() - ref64).abs().max().item()
-
-
-def assert_within_torch_error(name, got, torch_got, ref64, atol):
-    """Kernel error ≤ 4 × the error of PyTorch's own computation in the same precision, + atol: the float32
-    rounding floor the CPU float32 tests allow (8·eps·|z/τ| relative to the size of the terms)."""
-    err, base = max_err(got, ref64), max_err(torch_got, ref64)
-    assert err <= 4 * base + atol, f"{name}: kernel error {err:.3g}, PyTorch's own {base:.3g}, atol {atol:.3g}"
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)

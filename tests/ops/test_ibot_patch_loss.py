@@ -9,6 +9,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import ibot_patch_loss
 from dinokernels.ops.ibot_patch_loss_ref import ibot_patch_loss_ref
+from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
 
 
 def official_weighted_ce(student, teacher, weights, student_temp):
@@ -216,13 +217,6 @@ def test_reference_backend_runs_the_reference():
                            ibot_patch_loss_ref(student, teacher, weights, 0.1))
 
 
-def registered(name):
-    ns = torch.ops.dinokernels
-    if not hasattr(ns, name):
-        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
-    return getattr(ns, name)
-
-
 def _opcheck_soft_ce(student, teacher, weights):
     """iBOT runs dinokernels::soft_ce_forward / soft_ce_backward on one view (1, n, K) with per-row weights."""
     forward, backward = registered("soft_ce_forward"), registered("soft_ce_backward")
@@ -301,20 +295,6 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
 
 
 # ---------------------------------------------------------------- CUDA kernel
-
-CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def max_err(x, ref64):
-    return (x.detach().double().cpu() - ref64).abs().max().item()
-
-
-def assert_within_torch_error(name, got, torch_got, ref64, atol):
-    """Kernel error ≤ 4 × the error of PyTorch's own computation in the same precision, + atol: the float32
-    rounding floor the CPU float32 tests allow (8·eps·|z/τ| relative to the size of the terms)."""
-    err, base = max_err(got, ref64), max_err(torch_got, ref64)
-    assert err <= 4 * base + atol, f"{name}: kernel error {err:.3g}, PyTorch's own {base:.3g}, atol {atol:.3g}"
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)

@@ -9,6 +9,7 @@ import torch
 import dinokernels
 from dinokernels import _config
 from dinokernels.ops import ms_deform_attn, ms_deform_attn_gather_ref, ms_deform_attn_ref
+from dk_test_helpers import registered
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -286,13 +287,6 @@ def test_torch_compile_fullgraph():
     want, _ = forward_and_grads(fn, inputs, grad_out)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-
-
-def registered(name):
-    ns = torch.ops.dinokernels
-    if not hasattr(ns, name):
-        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
-    return getattr(ns, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -8,6 +8,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import sinkhorn_knopp
 from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_official, sinkhorn_knopp_ref
+from dk_test_helpers import CUDA_DTYPES, registered
 
 
 def official_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
@@ -212,13 +213,6 @@ def test_reference_backend_runs_the_reference():
     assert torch.equal(out, sinkhorn_knopp_ref(z, 0.04))
 
 
-def registered(name):
-    ns = torch.ops.dinokernels
-    if not hasattr(ns, name):
-        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
-    return getattr(ns, name)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(dtype):
     for N, K in [(5, 7), (1, 33), (40, 3)]:
@@ -270,7 +264,6 @@ def test_nonfinite_gives_nan_when_check_is_off():
 
 # ---------------------------------------------------------------- CUDA kernel
 
-CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.cuda

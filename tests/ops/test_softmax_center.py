@@ -8,6 +8,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import softmax_center
 from dinokernels.ops.softmax_center_ref import softmax_center_ref
+from dk_test_helpers import CUDA_DTYPES, registered
 
 
 def official_targets(z, c, temp):
@@ -198,13 +199,6 @@ def test_reference_backend_runs_the_reference():
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
-def registered(name):
-    ns = torch.ops.dinokernels
-    if not hasattr(ns, name):
-        pytest.fail(f"torch.ops.dinokernels.{name} is not registered (have: {sorted(dir(ns))})")
-    return getattr(ns, name)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(dtype):
     op = registered("softmax_center")  # (teacher_logits (N, K), center (K,), teacher_temp, return_sum)
@@ -263,7 +257,6 @@ def test_nonfinite_gives_nan_when_check_is_off():
 
 # ---------------------------------------------------------------- CUDA kernel
 
-CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.cuda
