@@ -23,8 +23,7 @@ import shapes  # noqa: E402
 
 import dinokernels  # noqa: E402
 from dinokernels.models.grounding_dino import HungarianMatcher  # noqa: E402
-from dinokernels.ops import (box_cxcywh_to_xyxy, generalized_box_iou, linear_sum_assignment,  # noqa: E402
-                             matching_cost)
+from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_official  # noqa: E402
 
 TARGETS = [({"part": "matcher", "L": 1, "B": 4, "Q": 900, "G": 20, "T": 256, "map": "spans", "dtype": "float32"},
             3.0, None, "CPU matcher B=4 Q=900 G=20 T=256: >= 3x faster than DETR-style torch cost + scipy")]
@@ -50,22 +49,9 @@ def make_inputs(L, B, Q, G, T, kind, device, dtype):
     return logits, boxes, targets
 
 
-def detr_style_cost(logits, boxes, targets, alpha=0.25, gamma=2.0, w_class=1.0, w_bbox=5.0, w_giou=2.0):
-    """Open-GroundingDino's matcher cost: (B, Q, ΣG) on the CPU, split into per-image numpy blocks."""
-    bs, num_queries = logits.shape[:2]
-    if logits.dtype in (torch.float16, torch.bfloat16):  # matchers run in float32 (and cdist has no CUDA bf16)
-        logits, boxes = logits.float(), boxes.float()
-    out_prob = logits.flatten(0, 1).sigmoid()
-    out_bbox = boxes.flatten(0, 1)
-    tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox.dtype)
-    maps = torch.cat([v["positive_map"] for v in targets]).to(out_prob.dtype)
-    maps = maps / maps.sum(-1, keepdim=True)
-    neg = (1 - alpha) * (out_prob ** gamma) * (-(1 - out_prob + 1e-8).log())
-    pos = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-    cost_class = pos @ maps.T - neg @ maps.T
-    cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-    cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
-    C = (w_bbox * cost_bbox + w_class * cost_class + w_giou * cost_giou).view(bs, num_queries, -1).cpu()
+def detr_style_cost(logits, boxes, targets, dtype=None):
+    """Open-GroundingDino's matcher cost: (B, Q, ΣG) to the CPU, split into per-image blocks."""
+    C = matching_cost_official(logits, boxes, targets, dtype=dtype).cpu()
     sizes = [len(v["boxes"]) for v in targets]
     return [c[i] for i, c in enumerate(C.split(sizes, -1))]
 
@@ -110,7 +96,7 @@ def check_agreement(device, dtype):
     logits, boxes, targets = make_inputs(1, 4, 900, 20, 256, "spans", device, dtype)
     ours = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)[0]
     theirs = detr_style_matcher(logits, boxes, targets)[0]
-    blocks = detr_style_cost(logits[0].double(), boxes[0].double(), targets)
+    blocks = detr_style_cost(logits[0], boxes[0], targets, dtype=torch.float64)
     for (r, c), (sr, sc), block in zip(ours, theirs, blocks):
         a, b = float(block[r, c].sum()), float(block[sr, sc].sum())
         assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (a, b)

@@ -6,26 +6,14 @@ import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from dinokernels.models.grounding_dino import HungarianMatcher
-from dinokernels.ops import box_cxcywh_to_xyxy, generalized_box_iou
+from dinokernels.ops import matching_cost_official
 
 
-def detr_style_matcher(outputs, targets, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0):
-    """Open-GroundingDino's HungarianMatcher.forward, in float64: returns per image the (n, m) cost matrix and
-    scipy's assignment on it."""
-    bs, num_queries = outputs["pred_logits"].shape[:2]
-    out_prob = outputs["pred_logits"].flatten(0, 1).double().sigmoid()
-    out_bbox = outputs["pred_boxes"].flatten(0, 1).double()
-    T = out_prob.shape[-1]
-    tgt_bbox = torch.cat([v["boxes"] for v in targets]).double()
-    maps = torch.cat([torch.nn.functional.pad(v["positive_map"].double(), (0, T - v["positive_map"].shape[1]))
-                      for v in targets])
-    maps = maps / maps.sum(-1, keepdim=True)
-    neg = (1 - alpha) * (out_prob ** gamma) * (-(1 - out_prob + 1e-8).log())
-    pos = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-    c_class = pos @ maps.T - neg @ maps.T
-    c_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-    c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
-    C = (cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou).view(bs, num_queries, -1)
+def detr_style_matcher(outputs, targets, **weights):
+    """Open-GroundingDino's HungarianMatcher.forward, in float64: per image the (n, m) cost matrix and scipy's
+    assignment on it."""
+    C = matching_cost_official(outputs["pred_logits"], outputs["pred_boxes"], targets, dtype=torch.float64,
+                               **weights)
     sizes = [len(v["boxes"]) for v in targets]
     blocks = [c[i].numpy() for i, c in enumerate(C.split(sizes, -1))]
     return blocks, [scipy_lsa(b) for b in blocks]

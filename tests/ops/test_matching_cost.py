@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from dinokernels.ops import (box_cxcywh_to_xyxy, generalized_box_iou, linear_sum_assignment, matching_cost,
-                             matching_cost_ref)
+from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_official, matching_cost_ref
 from dinokernels.ops.matching_cost import matching_cost_op
 
 
@@ -19,24 +18,6 @@ def make_inputs(B, Q, T, G, counts=None, dtype=torch.float64, device="cpu", dens
     pmap[..., 0] |= ~pmap.any(-1)  # every target has a token unless a test clears it
     counts = [G] * B if counts is None else counts
     return logits, pred, tgt, pmap, counts
-
-
-def detr_style_cost(logits, pred, tgt, pmap, counts, w_class=1.0, w_bbox=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
-    """Open-GroundingDino's matcher cost as written there: flatten the batch, concatenate the valid targets, one
-    [B·Q, ΣG] matrix, then keep each image's diagonal block (float64)."""
-    B, Q, T = logits.shape
-    out_prob = logits.flatten(0, 1).double().sigmoid()
-    out_bbox = pred.flatten(0, 1).double()
-    tgt_bbox = torch.cat([tgt[b, :counts[b]] for b in range(B)]).double()
-    maps = torch.cat([pmap[b, :counts[b]] for b in range(B)]).double()
-    maps = maps / maps.sum(-1, keepdim=True)
-    neg = (1 - alpha) * (out_prob ** gamma) * (-(1 - out_prob + 1e-8).log())
-    pos = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-    cost_class = pos @ maps.T - neg @ maps.T
-    cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-    cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
-    C = (w_bbox * cost_bbox + w_class * cost_class + w_giou * cost_giou).view(B, Q, -1)
-    return [c[b] for b, c in enumerate(C.split(list(counts), -1))]
 
 
 @pytest.mark.parametrize("B,Q,T,G,counts", [(3, 17, 33, 6, [6, 0, 2]), (1, 5, 1, 1, [1]), (2, 40, 256, 20, [20, 13]),
@@ -55,8 +36,10 @@ def test_matches_detr_style_flattened_cost():
     B, Q, T, G, counts = 3, 30, 64, 8, [8, 3, 5]
     logits, pred, tgt, pmap, _ = make_inputs(B, Q, T, G, counts)
     out = matching_cost(logits, pred, tgt, pmap, counts, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-    for b, block in enumerate(detr_style_cost(logits, pred, tgt, pmap, counts, w_class=2.0)):
-        torch.testing.assert_close(out[b, :, :counts[b]], block, rtol=1e-10, atol=1e-10)
+    targets = [{"boxes": tgt[b, :counts[b]], "positive_map": pmap[b, :counts[b]]} for b in range(B)]
+    flat = matching_cost_official(logits, pred, targets, cost_class=2.0, dtype=torch.float64)
+    for b, block in enumerate(flat.split(counts, -1)):
+        torch.testing.assert_close(out[b, :, :counts[b]], block[b], rtol=1e-10, atol=1e-10)
 
 
 def test_float32_close_to_float64_reference():
