@@ -1,6 +1,11 @@
-"""box_iou and generalized_box_iou: torchvision's formulas, batched over leading dimensions, finite on degenerate
-boxes. Plain PyTorch (autograd for free): the pairwise matrix is a handful of elementwise ops, and the fused
-use inside the matcher is dinokernels.ops.matching_cost."""
+"""box_iou and generalized_box_iou: torchvision's formulas, batched over leading dimensions, finite on zero-area
+boxes and on any finite coordinates. Plain PyTorch (autograd for free): the pairwise matrix is a handful of
+elementwise ops, and the fused use inside the matcher is dinokernels.ops.matching_cost.
+
+Inverted boxes (x1 < x0 or y1 < y0) and non-finite coordinates are rejected with the argument and the first bad
+box named (DETR asserts x1 >= x0 for the same reason: an inverted box has a negative "area" and gives nonsense
+such as GIoU 1 against anything)."""
+import math
 from typing import Tuple
 
 import torch
@@ -26,6 +31,16 @@ def _check(op: str, boxes1, boxes2):
     except RuntimeError:
         raise D.arg_error(op, "boxes2", f"leading dimensions {tuple(boxes2.shape[:-2])} do not broadcast with "
                                         f"boxes1's {tuple(boxes1.shape[:-2])}") from None
+    for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
+        flat = b.detach().reshape(-1, 4)
+        bad = ~torch.isfinite(flat).all(-1) | (flat[:, 2] < flat[:, 0]) | (flat[:, 3] < flat[:, 1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            index = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), b.shape[:-1])) if b.dim() > 2 else i
+            box = [float(v) for v in flat[i]]
+            what = "inverted (x1 < x0 or y1 < y0)" if bool(torch.isfinite(flat[i]).all()) else "non-finite"
+            raise D.arg_error(op, name, f"must hold boxes (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0, all finite; "
+                                        f"box {index} is {what}: {box}")
 
 
 def safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -35,11 +50,21 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
 
 
-def _pairwise(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(inter, union, a, b) with a = boxes1 as (..., N, 1, 4), b = boxes2 as (..., 1, M, 4), in the promoted dtype."""
-    dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
-    a = boxes1.to(dtype).unsqueeze(-2)  # (..., N, 1, 4)
-    b = boxes2.to(dtype).unsqueeze(-3)  # (..., 1, M, 4)
+def _pairwise(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(inter, union, a, b) with a = boxes1 as (..., N, 1, 4), b = boxes2 as (..., 1, M, 4), in float64.
+
+    Areas are products of two coordinates: float32 coordinates near 1e30 overflow in float32 (inf − inf = NaN),
+    so the arithmetic is float64, and coordinates beyond 2^64 are first divided by a common power of two (exact;
+    IoU and GIoU are scale-invariant)."""
+    a = boxes1.to(torch.float64)
+    b = boxes2.to(torch.float64)
+    with torch.no_grad():
+        big = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0)
+    if big > 2.0 ** 64:
+        scale = 2.0 ** -math.frexp(big)[1]
+        a, b = a * scale, b * scale
+    a = a.unsqueeze(-2)  # (..., N, 1, 4)
+    b = b.unsqueeze(-3)  # (..., 1, M, 4)
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     lt = torch.maximum(a[..., :2], b[..., :2])
@@ -54,11 +79,11 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of every pair: boxes1 (..., N, 4), boxes2 (..., M, 4), xyxy, leading dims broadcast → (..., N, M).
 
     torchvision.ops.box_iou's formula (inter / (area1 + area2 − inter)), except that a zero union (both boxes of
-    zero area) gives IoU 0 instead of NaN. Boxes are not checked for x2 ≥ x1 (as torchvision); differentiable.
+    zero area) gives IoU 0 instead of NaN. Inverted or non-finite boxes raise ValueError; differentiable.
     """
     _check("box_iou", boxes1, boxes2)
     inter, union, _, _ = _pairwise(boxes1, boxes2)
-    return safe_div(inter, union)
+    return safe_div(inter, union).to(torch.promote_types(boxes1.dtype, boxes2.dtype))
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -76,7 +101,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     rb = torch.maximum(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
     hull = wh[..., 0] * wh[..., 1]
-    return iou - safe_div(hull - union, hull)
+    return (iou - safe_div(hull - union, hull)).to(torch.promote_types(boxes1.dtype, boxes2.dtype))
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:

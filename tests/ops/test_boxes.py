@@ -104,8 +104,8 @@ def test_cxcywh_to_xyxy():
 
 
 def test_empty():
-    assert box_iou(torch.zeros(0, 4), torch.rand(3, 4)).shape == (0, 3)
-    assert generalized_box_iou(torch.rand(2, 0, 4), torch.rand(2, 3, 4)).shape == (2, 0, 3)
+    assert box_iou(torch.zeros(0, 4), random_xyxy(3)).shape == (0, 3)
+    assert generalized_box_iou(torch.rand(2, 0, 4), random_xyxy(2, 3)).shape == (2, 0, 3)
 
 
 @pytest.mark.parametrize("fn", [box_iou, generalized_box_iou])
@@ -118,3 +118,44 @@ def test_bad_inputs(fn):
         fn(torch.ones(3, 4, dtype=torch.int64), torch.rand(3, 4))
     with pytest.raises(ValueError, match="broadcast"):
         fn(torch.rand(2, 3, 4), torch.rand(3, 3, 4))
+
+
+@pytest.mark.parametrize("fn", [box_iou, generalized_box_iou])
+def test_inverted_and_non_finite_boxes_are_rejected_by_name(fn):
+    good = random_xyxy(3)
+    inverted = good.clone()
+    inverted[1] = torch.tensor([0.6, 0.2, 0.4, 0.5], dtype=torch.float64)  # x1 < x0: GIoU used to be 1.0
+    with pytest.raises(ValueError, match=r"'boxes1'.*box 1 is inverted.*0\.6, 0\.2, 0\.4, 0\.5"):
+        fn(inverted, good)
+    with pytest.raises(ValueError, match=r"'boxes2'.*box 1 is inverted"):
+        fn(good, inverted)
+    upside_down = good.clone()
+    upside_down[2, 3] = upside_down[2, 1] - 0.1
+    with pytest.raises(ValueError, match=r"'boxes2'.*box 2 is inverted"):
+        fn(good, upside_down)
+    batched = random_xyxy(2, 3)
+    batched[1, 2, 2] = batched[1, 2, 0] - 1
+    with pytest.raises(ValueError, match=r"'boxes1'.*box \(1, 2\) is inverted"):
+        fn(batched, good)
+    for bad in (float("nan"), float("inf")):
+        b = good.clone()
+        b[0, 0] = bad
+        with pytest.raises(ValueError, match=r"'boxes1'.*box 0 is non-finite"):
+            fn(b, good)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude", [1e18, 1e30, 1e38])  # coordinates up to 1.5 × magnitude < float32 max
+def test_huge_finite_boxes_stay_finite_and_scale_invariant(dtype, magnitude):
+    b1, b2 = random_xyxy(4), random_xyxy(5)
+    expected_iou, expected_giou = reference(b1, b2)
+    s1, s2 = (b1 * magnitude).to(dtype), (b2 * magnitude).to(dtype)
+    iou, giou = box_iou(s1, s2), generalized_box_iou(s1, s2)
+    assert iou.dtype == giou.dtype == dtype
+    assert torch.isfinite(iou).all() and torch.isfinite(giou).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    # The rounding of the scaled coordinates to `dtype` is the only error left.
+    r_iou, r_giou = reference(s1.double() / magnitude, s2.double() / magnitude)
+    torch.testing.assert_close(iou.double(), r_iou, rtol=tol, atol=tol)
+    torch.testing.assert_close(giou.double(), r_giou, rtol=tol, atol=tol)
+    torch.testing.assert_close(r_giou, expected_giou, rtol=1e-4, atol=1e-4)
