@@ -28,26 +28,26 @@ def _compiled_module_in(folder: str):
     return None
 
 
-def _missing_module_reason() -> str:
-    """Why there is no compiled module next to this package, and what to do. The usual cause: Python started in
-    the repository root of a non-editable install puts the source tree (never built in place) first on sys.path,
-    ahead of the installed copy that has the module."""
+def _missing_module_reason(package_dir: str, search_path) -> str:
+    """Why there is no compiled module in `package_dir` (this package's folder), and what to do; `search_path` is
+    sys.path. The usual cause: Python started in the repository root of a non-editable install puts the source tree
+    (never built in place) first on sys.path, ahead of the installed copy that has the module."""
     installed = None
-    for entry in sys.path:
+    for entry in search_path:
         folder = os.path.join(os.path.abspath(entry or os.curdir), "dinokernels")
-        if os.path.realpath(folder) != os.path.realpath(_PACKAGE_DIR) and _compiled_module_in(folder):
+        if os.path.realpath(folder) != os.path.realpath(package_dir) and _compiled_module_in(folder):
             installed = folder
             break
     if installed is not None:
-        return (f"the dinokernels source tree at {_PACKAGE_DIR} shadows the installed package at {installed} and "
+        return (f"the dinokernels source tree at {package_dir} shadows the installed package at {installed} and "
                 f"has no compiled module: run Python from outside the repository root (or `pip install -e .` to "
                 f"build in place)")
-    root = os.path.dirname(_PACKAGE_DIR)
+    root = os.path.dirname(package_dir)
     if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc")):
-        return (f"the dinokernels source tree at {_PACKAGE_DIR} has no compiled module (it is not built in place): "
+        return (f"the dinokernels source tree at {package_dir} has no compiled module (it is not built in place): "
                 f"`pip install .` and run Python from outside the repository root, or `pip install -e .` to build "
                 f"in place")
-    return (f"no compiled module dinokernels._C in {_PACKAGE_DIR}: reinstall dinokernels from its source tree "
+    return (f"no compiled module dinokernels._C in {package_dir}: reinstall dinokernels from its source tree "
             f"(`pip install .`) on a machine with a C++17 compiler")
 
 
@@ -58,7 +58,7 @@ try:
 except ModuleNotFoundError as exc:
     _C = None
     if exc.name == __package__ + "._C":
-        _LOAD_ERROR = _missing_module_reason()
+        _LOAD_ERROR = _missing_module_reason(_PACKAGE_DIR, sys.path)
     else:
         _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 except Exception as exc:  # ImportError, OSError from a broken .so, ...: all mean "no kernels"

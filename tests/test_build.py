@@ -269,21 +269,25 @@ def test_source_tree_shadowing_the_installed_package_is_named_not_a_circular_imp
     assert error.startswith("ERROR dinokernels.koleo_forward") and reason in error, kernel.stdout
 
 
-def test_source_tree_without_compiled_module_and_no_installed_copy_says_how_to_build(tmp_path):
-    # A checkout (pyproject.toml and csrc/ beside the package) that nobody built, and no installed copy: the other
-    # folders on sys.path that hold a dinokernels with a compiled module are dropped once torch is imported.
+def test_missing_module_reason_names_the_case(tmp_path, monkeypatch):
+    # Which copy of the package lacks _C, and whether an installed one on sys.path has it, decide the advice.
     source = copy_package(tmp_path / "repo", with_compiled_module=False)
+    installed = copy_package(tmp_path / "site-packages", with_compiled_module=True)
+    repo, site = str(tmp_path / "repo"), str(tmp_path / "site-packages")
+    assert _ext._missing_module_reason(source, [repo, site]) == (
+        f"the dinokernels source tree at {source} shadows the installed package at {installed} and has no compiled "
+        f"module: run Python from outside the repository root (or `pip install -e .` to build in place)")
+    # A folder that is not a checkout, nothing installed elsewhere.
+    assert _ext._missing_module_reason(source, [repo]) == (
+        f"no compiled module dinokernels._C in {source}: reinstall dinokernels from its source tree (`pip install .`) "
+        f"on a machine with a C++17 compiler")
+    # A checkout (pyproject.toml and csrc/ beside the package) that was never built, nothing installed elsewhere.
     (tmp_path / "repo" / "pyproject.toml").write_text("[project]\nname = 'dinokernels'\n")
     (tmp_path / "repo" / "csrc").mkdir()
-    code = RUN_INFO_WITHOUT_EDITABLE_HOOK.replace("import runpy, sys", textwrap.dedent("""
-        import glob, os, runpy, sys, torch
-        sys.path[:] = [p for p in sys.path
-                       if os.path.abspath(p or os.curdir) == os.getcwd()
-                       or not glob.glob(os.path.join(p or os.curdir, "dinokernels", "_C.*"))]
-        """))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "DINOKERNELS_BACKEND": "auto"}, cwd=tmp_path / "repo", timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert info_lines(result.stdout)["extension_error"] == (
+    assert _ext._missing_module_reason(source, [repo, str(tmp_path / "missing")]) == (
         f"the dinokernels source tree at {source} has no compiled module (it is not built in place): `pip install .` "
-        f"and run Python from outside the repository root, or `pip install -e .` to build in place"), result.stdout
+        f"and run Python from outside the repository root, or `pip install -e .` to build in place")
+    # The installed copy itself is not "elsewhere"; a relative entry ('' is the working directory) is resolved.
+    assert "shadows" not in _ext._missing_module_reason(installed, [site])
+    monkeypatch.chdir(site)
+    assert f"installed package at {installed}" in _ext._missing_module_reason(source, [""])
