@@ -21,20 +21,30 @@ them one to one. Differences that are not plain renames:
 
 Every other tensor is renamed one to one; a key that no rule covers is an error naming it.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import os
 import re
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..dino.checkpoint import WeightsMismatchError
 
-__all__ = ["load_official_weights", "LoadReport", "WeightsMismatchError", "KNOWN_EXTRA_CHECKPOINT_KEYS",
-           "state_dict_from_transformers", "state_dict_to_transformers", "swin_relative_position_index"]
+__all__ = [
+    "KNOWN_EXTRA_CHECKPOINT_KEYS",
+    "LoadReport",
+    "WeightsMismatchError",
+    "load_official_weights",
+    "state_dict_from_transformers",
+    "state_dict_to_transformers",
+    "swin_relative_position_index",
+]
 
 # Keys the released files hold although the inference model does not create them (manifest
 # `known_extra_checkpoint_keys`): the training code's denoising label embedding, and BERT's position-id buffer,
@@ -45,7 +55,7 @@ _HF_SWIN = "model.backbone.conv_encoder.model."  # transformers' SwinBackbone in
 
 # (official prefix, transformers prefix): a rule matches a key equal to the prefix or starting with prefix + ".";
 # the remainder is kept. {i}, {j} stand for layer / block indices. Fused attention is handled separately.
-_RULES: List[Tuple[str, str]] = [
+_RULES: list[tuple[str, str]] = [
     # Swin backbone
     ("backbone.0.patch_embed.proj", _HF_SWIN + "swin.embeddings.patch_embeddings.projection"),
     ("backbone.0.patch_embed.norm", _HF_SWIN + "swin.embeddings.norm"),
@@ -124,7 +134,7 @@ _HF_SWIN_FINAL_NORM = re.compile(r"^" + re.escape(_HF_SWIN) + r"swin\.layernorm\
 _POOLER = re.compile(r"^bert\.pooler\.dense\.(weight|bias)$")
 
 
-def _compile(template: str) -> "re.Pattern":
+def _compile(template: str) -> re.Pattern:
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
     return re.compile("^" + pattern + r"(?P<rest>\..*)?$")
 
@@ -133,7 +143,7 @@ _TO_HF = [(_compile(src), dst) for src, dst in _RULES]
 _FROM_HF = [(_compile(dst), src) for src, dst in _RULES]
 
 
-def _rename(key: str, rules) -> Optional[str]:
+def _rename(key: str, rules) -> str | None:
     """The key renamed by the first rule that matches it, or None."""
     for pattern, template in rules:
         m = pattern.match(key)
@@ -171,14 +181,14 @@ def _check_state_dict(sd, name: str) -> None:
         raise TypeError(f"{name}: these entries are not (str, Tensor) pairs: {', '.join(bad)}")
 
 
-def _split3(key: str, tensor: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _split3(key: str, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if tensor.dim() == 0 or tensor.shape[0] % 3 != 0:
         raise ValueError(f"{key}: a fused q/k/v tensor needs a first dimension divisible by 3, got shape "
                          f"{tuple(tensor.shape)}")
     return tuple(t.clone() for t in tensor.chunk(3, dim=0))
 
 
-def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official-named Grounding DINO state dict → transformers `GroundingDinoForObjectDetection` state dict.
 
     `state_dict` is what this package's `GroundingDINO.state_dict()` returns (the official names, without a
@@ -187,9 +197,9 @@ def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> Dict[str, Te
     `swin.layernorm` is added as the identity. Raises ValueError naming every key it cannot place.
     """
     _check_state_dict(state_dict, "state_dict")
-    out: Dict[str, Tensor] = {}
-    unmapped: List[str] = []
-    bad_index: List[str] = []
+    out: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    bad_index: list[str] = []
     last_stage_norm = None
     for key, value in state_dict.items():
         if _POOLER.match(key):
@@ -224,10 +234,10 @@ def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> Dict[str, Te
             unmapped.append(key)
             continue
         out[new] = value
-        if key.startswith("backbone.0.layers.") and key.endswith(".norm1.weight"):
-            # the widest block norm is the last stage's (its width is what transformers' final norm needs)
-            if last_stage_norm is None or value.shape[0] >= last_stage_norm.shape[0]:
-                last_stage_norm = value
+        # the widest block norm is the last stage's (its width is what transformers' final norm needs)
+        if key.startswith("backbone.0.layers.") and key.endswith(".norm1.weight") and (
+                last_stage_norm is None or value.shape[0] >= last_stage_norm.shape[0]):
+            last_stage_norm = value
     if unmapped:
         raise ValueError("state_dict_to_transformers: no transformers name for these keys: " + ", ".join(unmapped))
     if bad_index:
@@ -240,7 +250,7 @@ def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> Dict[str, Te
     return out
 
 
-def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=None) -> Dict[str, Tensor]:
+def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=None) -> dict[str, Tensor]:
     """transformers `GroundingDinoForObjectDetection` state dict (5.x names) → official-named state dict, loadable
     into this package's `GroundingDINO` strictly.
 
@@ -250,9 +260,9 @@ def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=Non
     (Swin window size, text hidden size). Raises ValueError naming every key it cannot place.
     """
     _check_state_dict(hf_state_dict, "hf_state_dict")
-    out: Dict[str, Tensor] = {}
-    unmapped: List[str] = []
-    split: Dict[Tuple[str, str], Dict[str, Tensor]] = {}  # (official key, order) → {q/k/v: tensor}
+    out: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    split: dict[tuple[str, str], dict[str, Tensor]] = {}  # (official key, order) → {q/k/v: tensor}
     for key, value in hf_state_dict.items():
         if _HF_SWIN_FINAL_NORM.match(key):
             continue
@@ -324,10 +334,10 @@ def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=Non
 class LoadReport:
     """What `load_official_weights` did: keys loaded into the model, known extra keys ignored, model keys the
     checkpoint lacked, and checkpoint keys the model lacks (the last two are non-empty only with strict=False)."""
-    loaded: List[str] = field(default_factory=list)
-    ignored: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
 
 
 def _read_checkpoint(path) -> object:
@@ -340,21 +350,24 @@ def _read_checkpoint(path) -> object:
         raise ValueError(f"load_official_weights: {path!r} is empty (0 bytes); an interrupted download?")
     # Training checkpoints (Open-GroundingDino) keep their argparse.Namespace under "args": allow that one class.
     safe_globals = getattr(torch.serialization, "safe_globals", None)
+    # mmap keeps the tensors in the page cache instead of a second in-memory copy of the model; only files in the
+    # zip format (torch >= 1.6) can be memory-mapped.
+    mmap = zipfile.is_zipfile(path)
     try:
         with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # pickle, zip and torch errors all mean the same thing to the caller
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"load_official_weights: {path!r} is not a readable PyTorch checkpoint (truncated, "
                          f"corrupt, or not saved by torch.save): {type(exc).__name__}: {reason[:300]}") from None
 
 
-def _extract(checkpoint, where: str) -> Dict[str, Tensor]:
+def _extract(checkpoint, where: str) -> dict[str, Tensor]:
     """The weights: checkpoint["model"] if present, else the checkpoint itself if it is a flat state dict."""
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"load_official_weights: {where} holds a {type(checkpoint).__name__}, not a checkpoint "
                          f"dict (expected {{'model': state_dict}} or a state dict)")
-    sd = checkpoint["model"] if "model" in checkpoint else checkpoint
+    sd = checkpoint.get("model", checkpoint)
     if not isinstance(sd, Mapping) or len(sd) == 0:
         raise ValueError(f"load_official_weights: {where} has no weights: expected a non-empty state dict under "
                          f"'model' or a flat state dict; its entries are {sorted(map(str, checkpoint))[:20]}")
@@ -362,9 +375,9 @@ def _extract(checkpoint, where: str) -> Dict[str, Tensor]:
     if not_tensors:
         raise ValueError(f"load_official_weights: {where}: these entries are not tensors, so this is not a state "
                          f"dict: {', '.join(not_tensors[:20])}" + (" …" if len(not_tensors) > 20 else ""))
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        new = key[len("module."):] if key.startswith("module.") else key
+        new = key.removeprefix("module.")
         if new in out:
             raise ValueError(f"load_official_weights: {where}: {key!r} and another key both become {new!r} once "
                              f"'module.' is stripped")
@@ -372,7 +385,12 @@ def _extract(checkpoint, where: str) -> Dict[str, Tensor]:
     return out
 
 
-def load_official_weights(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping],
+def _all_finite(tensor: Tensor) -> bool:
+    # A NaN or inf anywhere makes the sum non-finite; only a finite sum that overflowed needs the full check.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def load_official_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping,
                           strict: bool = True) -> LoadReport:
     """Load a released Grounding DINO checkpoint (`groundingdino_swint_ogc.pth`, `groundingdino_swinb_cogcoor.pth`)
     or an already loaded dict into `model`, whose `state_dict()` uses the official names.
@@ -410,7 +428,7 @@ def load_official_weights(model: nn.Module, path_or_state_dict: Union[str, os.Pa
     report.missing = [k for k in target if k not in sd]
     report.unexpected = [k for k in sd if k not in target]
 
-    problems: List[str] = []
+    problems: list[str] = []
     for key, value in sd.items():
         if key not in target:
             continue
@@ -419,10 +437,10 @@ def load_official_weights(model: nn.Module, path_or_state_dict: Union[str, os.Pa
             problems.append(f"{key}: checkpoint shape {tuple(value.shape)} vs model {tuple(want.shape)}")
         elif value.is_floating_point() != want.is_floating_point() or value.is_complex() != want.is_complex():
             problems.append(f"{key}: checkpoint dtype {value.dtype} vs model {want.dtype}")
-        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        elif value.is_floating_point() and not _all_finite(value):
             problems.append(f"{key}: non-finite values")
     # Names that share one tensor in the model (the shared box head) must agree, or the last one loaded would win.
-    by_tensor: Dict[int, List[str]] = {}
+    by_tensor: dict[int, list[str]] = {}
     for key, tensor in target.items():
         by_tensor.setdefault(id(tensor), []).append(key)
     for names in by_tensor.values():
