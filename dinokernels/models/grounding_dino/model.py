@@ -2,8 +2,8 @@
 decoder (SPEC §5), with the official parameter names (`state_dict()` has the keys of the released checkpoints, minus
 their two known extras), and named builders for the released configurations."""
 import copy
-import math
-from typing import Dict, List, Optional, Sequence, Union
+import os
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -332,17 +332,18 @@ class GroundingDINO(nn.Module):
 
 
 def _text_parts(text_encoder, tokenizer):
+    """(BertModel, tokenizer) from a local BERT directory, a BertConfig or a BertModel; nothing is downloaded."""
+    if text_encoder is None:
+        raise ValueError("text_encoder is required: a local bert-base-uncased directory, a transformers BertConfig "
+                         "(random weights) or a BertModel")
     text = _text()
-    if isinstance(text_encoder, nn.Module):
-        bert = text_encoder
-    else:
-        bert = text.build_text_encoder(text_encoder)
-    if tokenizer is None and isinstance(text_encoder, (str, bytes)) or hasattr(text_encoder, "__fspath__"):
-        tokenizer = text.build_tokenizer(text_encoder) if tokenizer is None else tokenizer
+    bert = text_encoder if isinstance(text_encoder, nn.Module) else text.build_text_encoder(text_encoder)
+    if tokenizer is None and isinstance(text_encoder, (str, os.PathLike)):
+        tokenizer = text.build_tokenizer(text_encoder)
     return bert, tokenizer
 
 
-def grounding_dino_swint_ogc(text_encoder="bert-base-uncased", tokenizer=None, **kwargs) -> GroundingDINO:
+def grounding_dino_swint_ogc(text_encoder=None, tokenizer=None, **kwargs) -> GroundingDINO:
     """GroundingDINO-T (`groundingdino_swint_ogc.pth`): Swin-T backbone, bert-base text encoder, SPEC §5.1.
 
     text_encoder: a local bert-base-uncased directory, a transformers BertConfig (random weights) or a BertModel;
@@ -353,7 +354,7 @@ def grounding_dino_swint_ogc(text_encoder="bert-base-uncased", tokenizer=None, *
     return GroundingDINO(swin_t(), bert, tokenizer, **kwargs)
 
 
-def grounding_dino_swinb_cogcoor(text_encoder="bert-base-uncased", tokenizer=None, **kwargs) -> GroundingDINO:
+def grounding_dino_swinb_cogcoor(text_encoder=None, tokenizer=None, **kwargs) -> GroundingDINO:
     """GroundingDINO-B (`groundingdino_swinb_cogcoor.pth`): Swin-B (window 12) backbone, otherwise as
     grounding_dino_swint_ogc."""
     from .swin import swin_b

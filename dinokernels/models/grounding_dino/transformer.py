@@ -4,7 +4,6 @@ and the parameter-free contrastive classifier.
 
 Parameter names follow the official checkpoint (`transformer.*`), so official state dicts load strictly.
 Module registration order reproduces the official key order."""
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
