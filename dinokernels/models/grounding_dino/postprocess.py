@@ -99,13 +99,14 @@ def extract_phrase(probs: Tensor, input_ids: Sequence[int], tokenizer, text_thre
     return tokenizer.decode([int(input_ids[i]) for i in cols]).replace(".", "")
 
 
-def post_process(outputs: Dict[str, Tensor], target_sizes, tokenizer, input_ids, box_threshold: float = 0.35,
+def post_process(outputs: Dict[str, Tensor], target_sizes, tokenizer, input_ids=None, box_threshold: float = 0.35,
                  text_threshold: float = 0.25, remove_combined: bool = False) -> List[Dict[str, object]]:
     """Detections with phrases, per image (the official `predict` + `annotate` box scaling, batched).
 
     outputs: "pred_logits" (B, Q, T) (−inf past each caption), "pred_boxes" (B, Q, 4) cxcywh in [0, 1];
     target_sizes: (B, 2) (h, w) in pixels; tokenizer: has decode (and, for remove_combined, cls/sep ids and
-    convert_tokens_to_ids); input_ids: (B, L) ids of the captions the logits belong to (tensor or lists).
+    convert_tokens_to_ids); input_ids: (B, L) ids of the captions the logits belong to (tensor or lists; default
+    outputs["input_ids"], which the model returns).
 
     A query is kept iff max_t sigmoid(logit) > box_threshold (special-token columns included); its score is that
     max. Returns B dicts in query order (no NMS, no sorting): "boxes" (N, 4) xyxy pixels, "scores" (N,),
@@ -120,6 +121,10 @@ def post_process(outputs: Dict[str, Tensor], target_sizes, tokenizer, input_ids,
     scale = _scale(fn, target_sizes, B, boxes.device)
     if scale is None:
         raise ValueError(f"{fn}: argument 'target_sizes' is required ((B, 2) as (h, w))")
+    if input_ids is None:
+        input_ids = outputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(f"{fn}: argument 'input_ids' is required (or outputs['input_ids'])")
     rows = _input_id_rows(fn, input_ids, B)
     delims = _delimiter_ids(tokenizer) if remove_combined else None
     probs = logits.float().sigmoid()

@@ -5,6 +5,7 @@
 - `name_spans`: the character span of the first occurrence of each name in a given caption.
 - `positive_map_from_spans`: character spans → (G, max_text_len) 0/1 token maps from the tokenizer's offsets.
 - `normalize_positive_map`: the COCO-evaluation form, each row divided by (its sum + 1e-6).
+- `targets_with_positive_maps`: data-set targets with "positive_spans" → criterion targets with "positive_map".
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["build_caption", "name_spans", "positive_map_from_spans", "normalize_positive_map"]
+__all__ = ["build_caption", "name_spans", "positive_map_from_spans", "normalize_positive_map",
+           "targets_with_positive_maps"]
 
 Span = Tuple[int, int]
 RNG = Union[random.Random, np.random.Generator, int, None]
@@ -186,3 +188,37 @@ def normalize_positive_map(positive_map: Tensor) -> Tensor:
     if m.numel() and not bool(((m >= 0) & torch.isfinite(m)).all()):
         raise ValueError(f"{fn}: argument 'positive_map' must be nonnegative and finite")
     return m / (m.sum(-1, keepdim=True) + 1e-6)
+
+
+def targets_with_positive_maps(targets: Sequence[Dict], offset_mapping, max_text_len: int = 256,
+                               device=None) -> List[Dict]:
+    """Adds "positive_map" (G, max_text_len) float32 to each target from its "positive_spans" (G character spans
+    in the caption, e.g. from SyntheticShapes) and the tokenizer's offsets of that caption.
+
+    offset_mapping: per image a (T_i, 2) list/tensor, or one (B, T, 2) tensor (padding rows (0, 0)); the captions
+    must be tokenised exactly as given (the official preprocessing leaves " ."-terminated lower-case captions
+    unchanged). Returns shallow copies (boxes moved to `device` when given); the inputs are not modified."""
+    fn = "targets_with_positive_maps"
+    if isinstance(targets, dict) or not isinstance(targets, Sequence):
+        raise TypeError(f"{fn}: argument 'targets' must be a list of dicts, got {type(targets).__name__}")
+    if isinstance(offset_mapping, Tensor):
+        if offset_mapping.dim() != 3:
+            raise ValueError(f"{fn}: argument 'offset_mapping' must be (B, T, 2) or a list of (T_i, 2), got shape "
+                             f"{tuple(offset_mapping.shape)}")
+        offset_mapping = list(offset_mapping)
+    if len(offset_mapping) != len(targets):
+        raise ValueError(f"{fn}: {len(offset_mapping)} offset mappings for {len(targets)} targets")
+    out = []
+    for i, (t, off) in enumerate(zip(targets, offset_mapping)):
+        if not isinstance(t, dict) or "positive_spans" not in t or "boxes" not in t:
+            raise ValueError(f"{fn}: targets[{i}] must be a dict with 'boxes' and 'positive_spans'")
+        spans = t["positive_spans"]
+        if len(spans) != len(t["boxes"]):
+            raise ValueError(f"{fn}: targets[{i}] has {len(t['boxes'])} boxes but {len(spans)} positive_spans")
+        new = dict(t)
+        new["positive_map"] = positive_map_from_spans(off, spans, max_text_len)
+        if device is not None:
+            new["boxes"] = t["boxes"].to(device)
+            new["positive_map"] = new["positive_map"].to(device)
+        out.append(new)
+    return out

@@ -144,6 +144,10 @@ def test_batch_with_different_lengths_and_no_detections():
     assert res[0]["boxes"].shape == (0, 4) and res[0]["phrases"] == [] and res[0]["scores"].shape == (0,)
     single = post_process({"pred_logits": logits[1:], "pred_boxes": boxes[1:]}, [(30, 40)], TOK, ids[1:])[0]
     assert single["phrases"] == res[1]["phrases"] and torch.equal(single["boxes"], res[1]["boxes"])
+    # input_ids taken from the model's outputs when not passed.
+    from_outputs = post_process({"pred_logits": logits, "pred_boxes": boxes, "input_ids": ids}, [(10, 20), (30, 40)],
+                                TOK)
+    assert [r["phrases"] for r in from_outputs] == [r["phrases"] for r in res]
 
 
 def test_post_process_bad_inputs():
@@ -156,6 +160,8 @@ def test_post_process_bad_inputs():
         post_process(outputs, None, TOK, ids)
     with pytest.raises(ValueError, match="input_ids"):
         post_process(outputs, [(1, 1)], TOK, torch.cat([ids, ids]))
+    with pytest.raises(ValueError, match="input_ids"):
+        post_process(outputs, [(1, 1)], TOK)
     with pytest.raises(ValueError, match="pred_boxes"):
         post_process({"pred_logits": outputs["pred_logits"]}, [(1, 1)], TOK, ids)
     with pytest.raises(ValueError, match="pred_boxes"):

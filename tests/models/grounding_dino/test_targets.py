@@ -159,3 +159,28 @@ def test_normalize_positive_map():
         normalize_positive_map(-m)
     with pytest.raises(ValueError, match=r"\(G, T\)"):
         normalize_positive_map(m[0])
+
+
+def test_targets_with_positive_maps():
+    from dinokernels.models.grounding_dino.targets import targets_with_positive_maps
+    tok = tiny_tokenizer()
+    captions = ["red circle . cat .", "blue square . dog . red circle ."]
+    enc = tok(captions, padding="longest", return_offsets_mapping=True, return_tensors="pt")
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "positive_spans": [(0, 10)], "caption": captions[0]},
+               {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]),
+                "positive_spans": [(20, 30), (14, 17)], "caption": captions[1]}]
+    for offsets in (enc["offset_mapping"], [o.tolist() for o in enc["offset_mapping"]]):
+        out = targets_with_positive_maps(targets, offsets, max_text_len=16)
+        assert "positive_map" not in targets[0]  # inputs untouched
+        assert out[0]["caption"] == captions[0] and out[0]["positive_map"].shape == (1, 16)
+        assert out[0]["positive_map"][0, :4].tolist() == [0, 1, 1, 0]
+        ids = enc["input_ids"][1].tolist()
+        rows = [[tok.convert_ids_to_tokens(ids[j]) for j in r.nonzero().flatten().tolist()]
+                for r in out[1]["positive_map"]]
+        assert rows == [["red", "circle"], ["dog"]]
+    with pytest.raises(ValueError, match="2 boxes but 1 positive_spans"):
+        targets_with_positive_maps([targets[0], dict(targets[1], positive_spans=[(0, 4)])], enc["offset_mapping"])
+    with pytest.raises(ValueError, match="1 offset mappings for 2 targets"):
+        targets_with_positive_maps(targets, enc["offset_mapping"][:1])
+    with pytest.raises(ValueError, match="positive_spans"):
+        targets_with_positive_maps([{"boxes": torch.zeros(0, 4)}], [[(0, 0)]])
