@@ -358,3 +358,37 @@ def test_bad_outputs_and_arguments_raise():
         GroundingDINOCriterion(focal_gamma=-1)
     with pytest.raises(TypeError, match="matcher"):
         GroundingDINOCriterion(matcher=lambda *a: None)
+
+
+def test_training_step_tiny_model_on_synthetic_shapes():
+    """End to end: SyntheticShapes → tiny GroundingDINO → positive maps from the tokenizer's offsets → criterion →
+    backward; post_process on the same outputs."""
+    text = pytest.importorskip("dinokernels.models.grounding_dino.text")
+    from dinokernels.data.synthetic_shapes import SyntheticShapes, collate_detection
+    from dinokernels.models.grounding_dino.model import grounding_dino_tiny
+    from dinokernels.models.grounding_dino.postprocess import post_process
+    from dinokernels.models.grounding_dino.targets import targets_with_positive_maps
+
+    ds = SyntheticShapes(num_images=2, image_size=64, seed=0, colors=["red", "blue"], shapes=["circle", "square"],
+                         max_names=4)
+    words = sorted({w for n in ds.category_names for w in n.split()})
+    tok = text.build_tokenizer(text.tiny_vocab(words))
+    torch.manual_seed(0)
+    model = grounding_dino_tiny(tok)
+    images, targets = collate_detection([ds[0], ds[1]])
+    captions = [t["caption"] for t in targets]
+    outputs = model(images, captions)
+    T = outputs["pred_logits"].shape[-1]
+    enc = tok(captions, padding="longest", return_offsets_mapping=True, return_tensors="pt")
+    assert torch.equal(outputs["input_ids"].cpu(), enc["input_ids"])  # the captions go through unchanged
+    crit_targets = targets_with_positive_maps(targets, enc["offset_mapping"], max_text_len=T)
+    losses = GroundingDINOCriterion()(outputs, crit_targets)
+    num_aux = len(outputs["aux_outputs"])
+    assert set(losses) == set(GroundingDINOCriterion().weight_dict(num_aux)) | {"loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    results = post_process(outputs, [(64, 64), (64, 64)], tok, box_threshold=0.0, text_threshold=0.0)
+    Q = outputs["pred_logits"].shape[1]
+    assert [len(r["phrases"]) for r in results] == [Q, Q]
