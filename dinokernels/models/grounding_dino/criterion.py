@@ -126,7 +126,7 @@ class GroundingDINOCriterion(nn.Module):
 
     # ------------------------------------------------------------------ checks
 
-    def _check_layer(self, name: str, out, B: int, T: int, Q: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    def _check_layer(self, name: str, out, B: int, T: int) -> Tuple[Tensor, Tensor]:
         if not isinstance(out, dict) or "pred_logits" not in out or "pred_boxes" not in out:
             raise ValueError(f"GroundingDINOCriterion: {name} must be a dict with 'pred_logits' and 'pred_boxes'")
         logits, boxes = out["pred_logits"], out["pred_boxes"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -86,8 +86,8 @@ def extract_phrase(probs: Tensor, input_ids: Sequence[int], tokenizer, text_thre
     on = probs > text_threshold
     left, right = 0, PHRASE_RIGHT_LIMIT
     if remove_combined:
-        delims = [i for i, t in enumerate(input_ids) if t in set(delimiter_ids if delimiter_ids is not None
-                                                                     else _delimiter_ids(tokenizer))]
+        special = set(delimiter_ids if delimiter_ids is not None else _delimiter_ids(tokenizer))
+        delims = [i for i, t in enumerate(input_ids) if t in special]
         top = int(probs.argmax())
         k = bisect.bisect_left(delims, top)
         if k == 0:

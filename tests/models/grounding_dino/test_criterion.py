@@ -361,8 +361,8 @@ def test_bad_outputs_and_arguments_raise():
 
 
 def test_training_step_tiny_model_on_synthetic_shapes():
-    """End to end: SyntheticShapes → tiny GroundingDINO → positive maps from the tokenizer's offsets → criterion →
-    backward; post_process on the same outputs."""
+    """End to end: SyntheticShapes → tiny GroundingDINO → positive maps from the tokenizer's offsets →
+    criterion → backward; post_process on the same outputs."""
     text = pytest.importorskip("dinokernels.models.grounding_dino.text")
     from dinokernels.data.synthetic_shapes import SyntheticShapes, collate_detection
     from dinokernels.models.grounding_dino.model import grounding_dino_tiny
