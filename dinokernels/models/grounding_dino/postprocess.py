@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ...ops.boxes import box_cxcywh_to_xyxy
 
-__all__ = ["post_process", "extract_phrase", "classes_to_caption", "assign_classes", "coco_style_scores"]
+__all__ = ["post_process", "extract_phrase", "classes_to_caption", "assign_classes", "coco_style_scores",
+           "to_coco_detections"]
 
 # Token columns from this index on never contribute to a phrase (the official right_idx default).
 PHRASE_RIGHT_LIMIT = 255
@@ -208,3 +209,24 @@ def coco_style_scores(outputs: Dict[str, Tensor], positive_maps_normalised: Tens
             bx = bx * scale[b].to(dtype)
         results.append({"scores": scores, "labels": flat % C, "boxes": bx})
     return results
+
+
+def to_coco_detections(results: Sequence[Dict[str, Tensor]], image_ids: Sequence[int],
+                       category_ids: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
+    """coco_style_scores results (pixel boxes: pass target_sizes) → the COCO results list that pycocotools'
+    COCO.loadRes takes: {"image_id", "category_id", "bbox" [x, y, w, h], "score"} per detection. category_ids maps
+    the class index to the COCO id (default: index + 1)."""
+    fn = "to_coco_detections"
+    if len(results) != len(image_ids):
+        raise ValueError(f"{fn}: {len(results)} results for {len(image_ids)} image_ids")
+    dets: List[Dict[str, object]] = []
+    for r, image_id in zip(results, image_ids):
+        if not all(k in r for k in ("scores", "labels", "boxes")):
+            raise ValueError(f"{fn}: each result needs 'scores', 'labels' and 'boxes' (coco_style_scores' output)")
+        for score, label, (x0, y0, x1, y1) in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist()):
+            if category_ids is not None and not 0 <= label < len(category_ids):
+                raise ValueError(f"{fn}: label {label} has no entry in category_ids ({len(category_ids)})")
+            dets.append({"image_id": int(image_id),
+                         "category_id": int(category_ids[label]) if category_ids is not None else label + 1,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return dets

@@ -233,3 +233,49 @@ def test_coco_style_scores_bad_inputs():
         coco_style_scores(outputs, -torch.ones(3, 256))
     with pytest.raises(ValueError, match="top_k"):
         coco_style_scores(outputs, torch.zeros(3, 256), top_k=0)
+
+
+def test_coco_path_perfect_predictions_give_ap_1(tmp_path):
+    """SyntheticShapes COCO files → logits that put each GT's query on its category's tokens → coco_style_scores →
+    to_coco_detections → pycocotools COCOeval: AP 1.0; shuffled labels give a low AP."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from dinokernels.data.synthetic_shapes import SyntheticShapes, write_coco
+    from dinokernels.models.grounding_dino.postprocess import to_coco_detections
+    paths = write_coco(str(tmp_path), n_train=1, n_val=6, seed=3, image_size=96)
+    gt = COCO(paths["val_annotations"])
+    ds = SyntheticShapes("val", num_images=6, image_size=96, seed=3)
+    names = ds.category_names
+    caption = " . ".join(names) + " ."
+    spans, at = [], 0
+    for n in names:
+        spans.append((at, at + len(n)))
+        at += len(n) + 3
+    enc = TOK(caption, return_offsets_mapping=True)
+    maps = positive_map_from_spans(enc["offset_mapping"], spans, 256)
+    Q = 10
+
+    def run(label_shift):
+        logits = torch.full((6, Q, 256), -8.0)
+        logits[:, :, len(enc["input_ids"]):] = float("-inf")
+        boxes = torch.full((6, Q, 4), 0.5)
+        for i in range(6):
+            _, t = ds[i]
+            for q, (box, label) in enumerate(zip(t["boxes"], t["labels"].tolist())):
+                cls = (label + label_shift) % len(names)
+                logits[i, q, maps[cls] > 0] = 8.0
+                boxes[i, q] = box
+        res = coco_style_scores({"pred_logits": logits, "pred_boxes": boxes}, normalize_positive_map(maps),
+                                top_k=100, target_sizes=[(96, 96)] * 6)
+        dets = to_coco_detections(res, gt.getImgIds(), [c["id"] for c in gt.loadCats(gt.getCatIds())])
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        return ev.stats[0]
+
+    assert run(0) == pytest.approx(1.0, abs=1e-6)
+    assert run(1) < 0.2
+    with pytest.raises(ValueError, match="image_ids"):
+        to_coco_detections([{"scores": torch.zeros(0), "labels": torch.zeros(0), "boxes": torch.zeros(0, 4)}], [])
