@@ -1,6 +1,6 @@
-"""dino_loss and dino_loss_centered: kernels against the DINO v1 loss of SPEC §2.1 evaluated in float64 by the
-oracles of tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, non-contiguous and 16-bit input, bad input, and the CUDA kernels
-(marked `cuda`)."""
+"""dino_loss and dino_loss_centered: kernels against the DINO v1 loss of SPEC §2.1 evaluated in float64 by the oracles
+of tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, non-contiguous and 16-bit input, bad
+input, and the CUDA kernels (marked `cuda`)."""
 import math
 
 import pytest
@@ -118,9 +118,9 @@ def test_student_default_temperature_is_0_1():
 
 
 def test_unnormalised_targets_follow_the_formula():
-    # The loss of SPEC §2.1 is Σ −p·log q for whatever p it gets (the published code does not renormalise). Targets rounded to bfloat16 (what a 16-bit teacher
-    # produces) or arbitrary non-negative weights do not sum to exactly 1 per row; a fused form that assumes
-    # they do would be off by (Σp − 1)·LSE.
+    # The loss of SPEC §2.1 is Σ −p·log q for whatever p it gets (the targets are not renormalised). Targets
+    # rounded to bfloat16 (what a 16-bit teacher produces) or arbitrary non-negative weights do not sum to exactly
+    # 1 per row; a fused form that assumes they do would be off by (Σp − 1)·LSE.
     S, T, B, K = 4, 2, 3, 500
     student = torch.randn(S, B, K, dtype=torch.float64) * 5
     for teacher in (teacher_probs_like(T, B, K, scale=0.3).bfloat16().double(),

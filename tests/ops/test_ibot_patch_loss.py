@@ -1,6 +1,6 @@
 """ibot_patch_loss: the kernel against the iBOT masked-patch loss of SPEC §3.4 evaluated in float64 by the oracles of
-tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, empty and awkward inputs, bad input, and the CUDA kernel
-(marked `cuda`)."""
+tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, empty and awkward inputs, bad input, and
+the CUDA kernel (marked `cuda`)."""
 import pytest
 import torch
 

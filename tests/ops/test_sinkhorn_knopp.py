@@ -1,7 +1,7 @@
 """sinkhorn_knopp: the kernel against the plain iterations of SPEC §3.3 (sinkhorn_knopp_plain: exp(z/τ) with no max
-subtraction, float64, wherever they are finite; the float32 plain form overflows above z/τ = 88.72, as the
-published teacher does) and the log-domain reference where they overflow, row sums, N=1 / K=1 / rectangular inputs, opcheck, non-contiguous and
-16-bit input, bad input, and the CUDA kernel (marked `cuda`)."""
+subtraction, float64, wherever they are finite; the float32 plain form overflows above z/τ = 88.72, as the published
+teacher does) and the log-domain reference where they overflow, row sums, N=1 / K=1 / rectangular inputs, opcheck,
+non-contiguous and 16-bit input, bad input, and the CUDA kernel (marked `cuda`)."""
 import pytest
 import torch
 
