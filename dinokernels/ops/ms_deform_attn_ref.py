@@ -1,8 +1,8 @@
 """Pure-PyTorch references for multi-scale deformable attention (SPEC §4), written here from the math.
 
 ms_deform_attn_ref: the grid_sample formulation of SPEC §4.2 (bilinear, zero padding, align_corners=False on the
-grid 2·loc − 1, per level over the value seen as (N·M, D, H_l, W_l)). It materialises the sampled values of one
-level, (N·M, D, Lq, P), at a time.
+grid 2·loc − 1, per level over the value seen as (N·M, D, H_l, W_l)). It materialises every sampled value,
+(N·M, D, Lq, L·P), before the weighted sum, as the usual PyTorch fallback does.
 
 ms_deform_attn_gather_ref: SPEC §4.2's per-sample arithmetic written with gathers, including the rule that a
 sample outside (−1, H) × (−1, W) in pixel units is skipped. It equals the grid_sample form everywhere except
@@ -26,18 +26,20 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Tensor, level_start_index:
     sampling_locations (N, Lq, M, L, P, 2) normalised (x, y), attention_weights (N, Lq, M, L, P)
     → (N, Lq, M·D): out[n, q, m] = Σ_{l,p} a[n, q, m, l, p] · bilinear(value level l, head m, loc[n, q, m, l, p])."""
     n, _, m, d = value.shape
-    _, lq, _, _, points, _ = sampling_locations.shape
-    # Per head: (N·M, D, Lq) accumulated over levels.
-    out = value.new_zeros(n * m, d, lq)
+    _, lq, _, levels, points, _ = sampling_locations.shape
     starts = [int(x) for x in level_start_index.tolist()]
+    per_level = []
     for level, (h, w) in enumerate(_level_sizes(spatial_shapes)):
         rows = value[:, starts[level]:starts[level] + h * w]  # (N, H·W, M, D), row-major pixels
         image = rows.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
         # grid_sample's grid is in [−1, 1], x first: (N·M, Lq, P, 2).
         grid = (2 * sampling_locations[:, :, :, level] - 1).permute(0, 2, 1, 3, 4).reshape(n * m, lq, points, 2)
-        sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        weights = attention_weights[:, :, :, level].permute(0, 2, 1, 3).reshape(n * m, 1, lq, points)
-        out = out + (sampled * weights).sum(dim=-1)  # (N·M, D, Lq)
+        per_level.append(F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # Every sampled value at once, (N·M, D, Lq, L·P) (the memory profile of the usual PyTorch fallback), then the
+    # weighted sum over the L·P samples of each head.
+    sampled = torch.cat(per_level, dim=-1)
+    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(n * m, 1, lq, levels * points)
+    out = (sampled * weights).sum(dim=-1)  # (N·M, D, Lq)
     return out.reshape(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
 
 
