@@ -379,9 +379,11 @@ def test_training_step_tiny_model_on_synthetic_shapes():
     captions = [t["caption"] for t in targets]
     outputs = model(images, captions)
     T = outputs["pred_logits"].shape[-1]
-    enc = tok(captions, padding="longest", return_offsets_mapping=True, return_tensors="pt")
-    assert torch.equal(outputs["input_ids"].cpu(), enc["input_ids"])  # the captions go through unchanged
+    enc = text.tokenize_captions(tok, captions, max_text_len=T)
+    assert torch.equal(outputs["input_ids"].cpu(), enc["input_ids"])
+    assert [text.preprocess_caption(c) for c in captions] == captions  # spans stay valid after preprocessing
     crit_targets = targets_with_positive_maps(targets, enc["offset_mapping"], max_text_len=T)
+    assert all(t["positive_map"].sum(-1).min() > 0 for t in crit_targets)
     losses = GroundingDINOCriterion()(outputs, crit_targets)
     num_aux = len(outputs["aux_outputs"])
     assert set(losses) == set(GroundingDINOCriterion().weight_dict(num_aux)) | {"loss"}
