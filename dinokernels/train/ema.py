@@ -1,6 +1,4 @@
 """The teacher: an exponential moving average of the student's parameters (SPEC §2.4)."""
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -14,22 +12,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s over the parameters (not the buffers) of the two modules, paired in
-    `parameters()` order, exactly as facebookresearch/dino main_dino.py: param_k.mul_(m).add_((1 - m) * param_q).
-    The student may be wrapped in DistributedDataParallel."""
-    t_params = list(teacher.parameters())
-    s_params = list(unwrap(student).parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError(f"ema_update: teacher has {len(t_params)} parameter tensors, student {len(s_params)}")
+    """θ_t ← m·θ_t + (1 − m)·θ_s, in place, for each teacher parameter θ_t and the student parameter θ_s at the
+    same position in `parameters()` order (SPEC §2.4: parameters only, buffers keep their own values). The student
+    may be wrapped in DistributedDataParallel."""
+    teacher_params = list(teacher.parameters())
+    student_params = list(unwrap(student).parameters())
+    if len(teacher_params) != len(student_params):
+        raise ValueError(f"ema_update: teacher has {len(teacher_params)} parameter tensors, "
+                         f"student {len(student_params)}")
     m = float(momentum)
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"ema_update: momentum must be in [0, 1], got {momentum!r}")
-    _ema(t_params, s_params, m)
-
-
-def _ema(t_params: Iterable[torch.Tensor], s_params: Iterable[torch.Tensor], m: float) -> None:
-    for p_t, p_s in zip(t_params, s_params):
-        if p_t.shape != p_s.shape:
-            raise ValueError(f"ema_update: parameter shapes differ: teacher {tuple(p_t.shape)}, "
-                             f"student {tuple(p_s.shape)}")
-        p_t.mul_(m).add_((1 - m) * p_s.detach())
+    for teacher_param, student_param in zip(teacher_params, student_params):
+        if teacher_param.shape != student_param.shape:
+            raise ValueError(f"ema_update: parameter shapes differ: teacher {tuple(teacher_param.shape)}, "
+                             f"student {tuple(student_param.shape)}")
+    student_share = 1.0 - m
+    for teacher_param, student_param in zip(teacher_params, student_params):
+        # Scale the teacher first, then add the already-weighted student: one rounding per product, as DINO.
+        teacher_param.mul_(m).add_(student_param.detach() * student_share)

@@ -1,5 +1,5 @@
-"""DINO v1's optimiser pieces (SPEC §2.4), as in facebookresearch/dino utils.py: parameter groups (weight decay on
-group 0 only), per-tensor gradient clipping, cancelling the last layer's gradients during the first epochs."""
+"""DINO v1's optimiser pieces (SPEC §2.4): two parameter groups (weight decay on the first only), gradient clipping
+per parameter tensor, dropping the head's last-layer gradients in the first epochs, and LARS."""
 from typing import Dict, List
 
 import torch
@@ -9,18 +9,15 @@ __all__ = ["get_params_groups", "clip_gradients", "cancel_gradients_last_layer",
 
 
 def get_params_groups(model: nn.Module) -> List[Dict]:
-    """[{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]: biases and every 1-D parameter
-    (norm weights, ...) are not regularised; parameters that do not require gradients are left out (the frozen
-    weight-norm scale of the head's last layer). The trainer sets group 0's weight decay every iteration."""
-    regularized, not_regularized = [], []
+    """The trainable parameters of `model` in named_parameters order, split as [{'params': decayed},
+    {'params': exempt, 'weight_decay': 0.0}]. Exempt: biases and every 1-D tensor (norm scales, ...). Frozen
+    parameters (requires_grad False, e.g. the weight-norm scale of a normalised last layer) are in neither. The
+    trainer sets group 0's weight decay from its schedule every iteration."""
+    by_exemption: Dict[bool, List[nn.Parameter]] = {False: [], True: []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or len(param.shape) == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        if param.requires_grad:
+            by_exemption[param.dim() == 1 or name.endswith(".bias")].append(param)
+    return [{"params": by_exemption[False]}, {"params": by_exemption[True], "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -40,29 +37,47 @@ def clip_gradients(model: nn.Module, clip: float) -> List[float]:
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """During the first `freeze_last_layer` epochs the gradients of every parameter whose name contains
-    "last_layer" are set to None, so the optimiser skips them entirely (no AdamW moment or decay update)."""
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
+    """While epoch < freeze_last_layer, drop (set to None) the gradient of every parameter with "last_layer" in
+    its name, so that the optimiser leaves it alone: no step, no AdamW moments, no decay."""
+    if epoch < freeze_last_layer:
+        frozen = [param for name, param in model.named_parameters() if "last_layer" in name]
+        for param in frozen:
             param.grad = None
 
 
 class LARS(torch.optim.Optimizer):
-    """DINO's LARS (utils.LARS, from Barlow Twins), for convnets and large batches. For every tensor that is not
-    1-D: g ← g + wd·p, then g ← g·η‖p‖/‖g‖ (×1 when either norm is 0); 1-D tensors (biases, norms) get neither.
-    Then μ ← momentum·μ + g and p ← p − lr·μ. The `weight_decay_filter` / `lars_adaptation_filter` arguments of
-    the official class are accepted and, as there, unused."""
+    """Layer-wise adaptive rate scaling with momentum, as DINO offers it for convnets and large batches
+    (SPEC §2.4). Per tensor with a gradient g:
+
+    - a tensor that is not 1-D: d = g + wd·p, scaled by the trust ratio η‖p‖/‖d‖ (1 when ‖p‖ or ‖d‖ is 0);
+    - a 1-D tensor (bias, norm scale): d = g, neither decayed nor scaled;
+
+    then μ ← momentum·μ + d (μ starts at 0) and p ← p − lr·μ. `weight_decay_filter` and `lars_adaptation_filter`
+    are accepted for signature compatibility with DINO's class, which ignores them as well.
+    """
 
     def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001, weight_decay_filter=None,
                  lars_adaptation_filter=None):
         if lr < 0 or weight_decay < 0 or momentum < 0 or eta <= 0:
             raise ValueError(f"LARS needs lr, weight_decay, momentum >= 0 and eta > 0, got lr={lr}, "
                              f"weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
-        super().__init__(params, defaults)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta,
+                                  "weight_decay_filter": weight_decay_filter,
+                                  "lars_adaptation_filter": lars_adaptation_filter})
+
+    @staticmethod
+    def _direction(param: torch.Tensor, weight_decay: float, eta: float) -> torch.Tensor:
+        """The step direction d for one tensor, before momentum."""
+        grad = param.grad
+        if param.dim() == 1:
+            return grad
+        decayed = grad.add(param, alpha=weight_decay)
+        param_norm = torch.linalg.vector_norm(param)
+        decayed_norm = torch.linalg.vector_norm(decayed)
+        # Chosen on the device (no host read per tensor); a zero norm leaves the direction unscaled.
+        both_positive = (param_norm > 0) & (decayed_norm > 0)
+        trust = torch.where(both_positive, eta * param_norm / decayed_norm, torch.ones_like(param_norm))
+        return decayed.mul(trust)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,22 +86,13 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim != 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    # Device-side where: no host read per tensor.
-                    trust = torch.where((param_norm > 0) & (update_norm > 0),
-                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
-                    update = update.mul(trust)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(group["momentum"]).add_(update)
-                p.add_(state["mu"], alpha=-group["lr"])
+            with_grad = [param for param in group["params"] if param.grad is not None]
+            for param in with_grad:
+                direction = self._direction(param, group["weight_decay"], group["eta"])
+                # "mu" is DINO's state key, so optimiser state dicts carry over between the two classes.
+                velocity = self.state[param].setdefault("mu", torch.zeros_like(param))
+                velocity.mul_(group["momentum"]).add_(direction)
+                param.add_(velocity, alpha=-group["lr"])
         return loss
 
 

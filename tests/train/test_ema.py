@@ -1,4 +1,4 @@
-"""The EMA teacher update (main_dino.py: param_k.mul_(m).add_((1 - m) * param_q))."""
+"""The EMA teacher update of SPEC §2.4: θ_t ← m·θ_t + (1 − m)·θ_s over the parameters, not the buffers."""
 import copy
 
 import pytest
@@ -20,8 +20,8 @@ def _pair():
 @pytest.mark.parametrize("m", [0.0, 0.5, 0.996, 1.0])
 def test_ema_formula(m):
     student, teacher = _pair()
-    expected = [pt.clone().mul_(m).add_((1 - m) * ps.detach()) for pt, ps in zip(teacher.parameters(),
-                                                                                  student.parameters())]
+    # float32, each product rounded once and then the sum, the order DINO's update takes.
+    expected = [m * pt.detach() + (1 - m) * ps.detach() for pt, ps in zip(teacher.parameters(), student.parameters())]
     ema_update(teacher, student, m)
     for got, exp in zip(teacher.parameters(), expected):
         assert torch.equal(got, exp)
