@@ -2,15 +2,15 @@
 the official parameter names (which this package's model uses) and transformers' `GroundingDinoForObjectDetection`
 (transformers 5.x names).
 
-The mapping below was derived by listing the keys of both models built with the Swin-T and Swin-B settings and pairing
-them one to one. Differences that are not plain renames:
+The mapping was derived by listing the keys of both models built with the Swin-T and Swin-B settings and pairing
+them one to one. The Swin backbone (`backbone.0.*` ↔ `model.backbone.conv_encoder.model.*`) is converted by
+`swin.swin_state_dict_{to,from}_transformers`: fused `attn.qkv` ↔ `attention.{q,k,v}_proj`, the persistent official
+`relative_position_index` checked going there and rebuilt coming back (transformers recomputes it), `norm{i}` ↔
+`hidden_states_norms.stage{i+1}`. Differences elsewhere that are not plain renames:
 
-* fused vs split attention: official Swin `attn.qkv` (3C × C) ↔ transformers `attention.{q,k,v}_proj`; official
-  `nn.MultiheadAttention` `in_proj_weight` / `in_proj_bias` ↔ transformers `{query,key,value}.{weight,bias}`.
-  The fused tensor is the three projections stacked along dim 0 in the order q, k, v.
-* official Swin `attn.relative_position_index` is a persistent int64 buffer; transformers recomputes it (not in its
-  state dict). Going to transformers it must equal the standard index for its window (checked); coming back it is
-  rebuilt from the window size (read off `relative_position_bias_table`, (2w−1)² rows).
+* the official `nn.MultiheadAttention` layers (text enhancer, decoder self- and text cross-attention) hold fused
+  `in_proj_weight` / `in_proj_bias`, transformers separate `{query,key,value}.{weight,bias}`: the fused tensor is
+  the three stacked along dim 0 in that order.
 * official `bert.pooler.*` is not in transformers' text backbone (built without a pooler). Neither model uses it:
   going to transformers it is dropped; coming back it is filled with zeros.
 * transformers' `swin.layernorm.*` (the final norm of a plain SwinModel) is not used by its Swin backbone and has no
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import re
 import zipfile
@@ -35,15 +36,17 @@ import torch
 from torch import Tensor, nn
 
 from ..dino.checkpoint import WeightsMismatchError
+from .swin import swin_state_dict_from_transformers, swin_state_dict_to_transformers
 
 __all__ = [
     "KNOWN_EXTRA_CHECKPOINT_KEYS",
     "LoadReport",
     "WeightsMismatchError",
+    "from_transformers",
     "load_official_weights",
     "state_dict_from_transformers",
     "state_dict_to_transformers",
-    "swin_relative_position_index",
+    "to_transformers",
 ]
 
 # Keys the released files hold although the inference model does not create them (manifest
@@ -56,21 +59,6 @@ _HF_SWIN = "model.backbone.conv_encoder.model."  # transformers' SwinBackbone in
 # (official prefix, transformers prefix): a rule matches a key equal to the prefix or starting with prefix + ".";
 # the remainder is kept. {i}, {j} stand for layer / block indices. Fused attention is handled separately.
 _RULES: list[tuple[str, str]] = [
-    # Swin backbone
-    ("backbone.0.patch_embed.proj", _HF_SWIN + "swin.embeddings.patch_embeddings.projection"),
-    ("backbone.0.patch_embed.norm", _HF_SWIN + "swin.embeddings.norm"),
-    ("backbone.0.layers.{i}.blocks.{j}.norm1", _HF_SWIN + "swin.encoder.layers.{i}.blocks.{j}.layernorm_before"),
-    ("backbone.0.layers.{i}.blocks.{j}.norm2", _HF_SWIN + "swin.encoder.layers.{i}.blocks.{j}.layernorm_after"),
-    ("backbone.0.layers.{i}.blocks.{j}.attn.proj", _HF_SWIN + "swin.encoder.layers.{i}.blocks.{j}.attention.o_proj"),
-    ("backbone.0.layers.{i}.blocks.{j}.attn.relative_position_bias_table",
-     _HF_SWIN + "swin.encoder.layers.{i}.blocks.{j}.attention.relative_position_bias.relative_position_bias_table"),
-    ("backbone.0.layers.{i}.blocks.{j}.mlp", _HF_SWIN + "swin.encoder.layers.{i}.blocks.{j}.mlp"),
-    ("backbone.0.layers.{i}.downsample", _HF_SWIN + "swin.encoder.layers.{i}.downsample"),
-    # official norm{k} normalises the output of layers.{k}, transformers' stage{k+1}
-    ("backbone.0.norm0", _HF_SWIN + "hidden_states_norms.stage1"),
-    ("backbone.0.norm1", _HF_SWIN + "hidden_states_norms.stage2"),
-    ("backbone.0.norm2", _HF_SWIN + "hidden_states_norms.stage3"),
-    ("backbone.0.norm3", _HF_SWIN + "hidden_states_norms.stage4"),
     # image and text inputs
     ("input_proj", "model.input_proj_vision"),
     ("bert", "model.text_backbone"),
@@ -121,16 +109,13 @@ _RULES: list[tuple[str, str]] = [
     ("bbox_embed", "bbox_embed"),
 ]
 
-_SWIN_BLOCK = r"backbone\.0\.layers\.\d+\.blocks\.\d+\."
-_SWIN_QKV = re.compile(r"^(" + _SWIN_BLOCK + r")attn\.qkv\.(weight|bias)$")
-_SWIN_INDEX = re.compile(r"^(" + _SWIN_BLOCK + r")attn\.relative_position_index$")
+_BACKBONE = "backbone.0."  # the official Swin; its keys are converted by swin.py
+_BLOCK_NORM1 = re.compile(r"^backbone\.0\.layers\.\d+\.blocks\.\d+\.norm1\.weight$")
+_BIAS_TABLE = re.compile(r"^backbone\.0\.layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$")
 _MHA_IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
-_HF_SWIN_QKV = re.compile(r"^(" + re.escape(_HF_SWIN) + r"swin\.encoder\.layers\.\d+\.blocks\.\d+\.)attention\."
-                          r"([qkv])_proj\.(weight|bias)$")
 # transformers' split MultiheadAttention projections (BERT's attention.self.{query,key,value} are separate there
 # too and stay separate, so the text backbone is excluded).
 _HF_MHA_SPLIT = re.compile(r"^(model\.(?:encoder|decoder)\..*)\.(query|key|value)\.(weight|bias)$")
-_HF_SWIN_FINAL_NORM = re.compile(r"^" + re.escape(_HF_SWIN) + r"swin\.layernorm\.(weight|bias)$")
 _POOLER = re.compile(r"^bert\.pooler\.dense\.(weight|bias)$")
 
 
@@ -152,16 +137,6 @@ def _rename(key: str, rules) -> str | None:
             out = template.replace("{i}", groups.get("i") or "").replace("{j}", groups.get("j") or "")
             return out + (groups["rest"] or "")
     return None
-
-
-def swin_relative_position_index(window_size: int) -> Tensor:
-    """(w², w²) int64: for token pairs (p, q) of a w×w window, the row of the relative position bias table,
-    (dy + w − 1)·(2w − 1) + (dx + w − 1) with (dy, dx) = position(p) − position(q)."""
-    ys, xs = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + window_size - 1
-    dx = xs[:, None] - xs[None, :] + window_size - 1
-    return dy * (2 * window_size - 1) + dx
 
 
 def _window_from_table(key: str, table: Tensor) -> int:
@@ -188,37 +163,39 @@ def _split3(key: str, tensor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t.clone() for t in tensor.chunk(3, dim=0))
 
 
+def _swin_error(exc: Exception) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official-named Grounding DINO state dict → transformers `GroundingDinoForObjectDetection` state dict.
 
     `state_dict` is what this package's `GroundingDINO.state_dict()` returns (the official names, without a
-    `module.` prefix or the released files' extra keys). Fused q/k/v tensors are split; the Swin relative position
-    indices are checked against the standard ones and dropped; `bert.pooler.*` is dropped; transformers' unused
-    `swin.layernorm` is added as the identity. Raises ValueError naming every key it cannot place.
+    `module.` prefix or the released files' extra keys). The Swin backbone goes through
+    `swin.swin_state_dict_to_transformers` (q/k/v split, relative position indices checked and dropped);
+    `nn.MultiheadAttention` in_proj tensors are split into query/key/value; `bert.pooler.*` is dropped;
+    transformers' unused `swin.layernorm` is added as the identity. Raises ValueError naming the keys it cannot
+    place.
     """
     _check_state_dict(state_dict, "state_dict")
     out: dict[str, Tensor] = {}
+    problems: list[str] = []
+    backbone = {k: v for k, v in state_dict.items() if k.startswith(_BACKBONE)}
+    if backbone:
+        try:
+            out.update(swin_state_dict_to_transformers(backbone, _BACKBONE, _HF_SWIN))
+        except (KeyError, ValueError) as exc:
+            problems.append(_swin_error(exc))
+        norms = [v for k, v in backbone.items() if _BLOCK_NORM1.match(k)]
+        if norms:
+            # transformers builds a plain SwinModel's final LayerNorm (last-stage width: the widest block norm)
+            # inside its Swin backbone but never calls it.
+            widest = max(norms, key=lambda t: t.shape[0])
+            out[_HF_SWIN + "swin.layernorm.weight"] = torch.ones_like(widest)
+            out[_HF_SWIN + "swin.layernorm.bias"] = torch.zeros_like(widest)
     unmapped: list[str] = []
-    bad_index: list[str] = []
-    last_stage_norm = None
     for key, value in state_dict.items():
-        if _POOLER.match(key):
-            continue
-        m = _SWIN_INDEX.match(key)
-        if m is not None:
-            table_key = m.group(1) + "attn.relative_position_bias_table"
-            if table_key not in state_dict:
-                unmapped.append(key)
-                continue
-            window = _window_from_table(table_key, state_dict[table_key])
-            if not torch.equal(value.cpu(), swin_relative_position_index(window)):
-                bad_index.append(key)
-            continue
-        m = _SWIN_QKV.match(key)
-        if m is not None:
-            prefix = _rename(m.group(1) + "attn.proj", _TO_HF)[: -len("o_proj")]
-            for letter, part in zip("qkv", _split3(key, value)):
-                out[f"{prefix}{letter}_proj.{m.group(2)}"] = part
+        if key in backbone or _POOLER.match(key):
             continue
         m = _MHA_IN_PROJ.match(key)
         if m is not None:
@@ -234,19 +211,10 @@ def state_dict_to_transformers(state_dict: Mapping[str, Tensor]) -> dict[str, Te
             unmapped.append(key)
             continue
         out[new] = value
-        # the widest block norm is the last stage's (its width is what transformers' final norm needs)
-        if key.startswith("backbone.0.layers.") and key.endswith(".norm1.weight") and (
-                last_stage_norm is None or value.shape[0] >= last_stage_norm.shape[0]):
-            last_stage_norm = value
     if unmapped:
-        raise ValueError("state_dict_to_transformers: no transformers name for these keys: " + ", ".join(unmapped))
-    if bad_index:
-        raise ValueError("state_dict_to_transformers: these Swin relative_position_index buffers differ from the "
-                         "standard index (transformers recomputes it and cannot hold another): " + ", ".join(bad_index))
-    if last_stage_norm is not None:
-        # transformers builds a plain SwinModel's final LayerNorm inside its Swin backbone but never calls it.
-        out[_HF_SWIN + "swin.layernorm.weight"] = torch.ones_like(last_stage_norm)
-        out[_HF_SWIN + "swin.layernorm.bias"] = torch.zeros_like(last_stage_norm)
+        problems.append("no transformers name for these keys: " + ", ".join(unmapped))
+    if problems:
+        raise ValueError("state_dict_to_transformers: " + "; ".join(problems))
     return out
 
 
@@ -254,23 +222,25 @@ def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=Non
     """transformers `GroundingDinoForObjectDetection` state dict (5.x names) → official-named state dict, loadable
     into this package's `GroundingDINO` strictly.
 
-    q/k/v projections are fused (stacked q, k, v along dim 0); Swin relative position indices are rebuilt from each
-    block's bias table; `bert.pooler.*` (absent in transformers, unused) is filled with zeros; transformers' unused
-    `swin.layernorm` is dropped. `config` (a `GroundingDinoConfig`, optional) is only checked against the weights
-    (Swin window size, text hidden size). Raises ValueError naming every key it cannot place.
+    The Swin backbone goes through `swin.swin_state_dict_from_transformers` (q/k/v fused, relative position indices
+    rebuilt from each bias table, the unused `swin.layernorm` dropped); query/key/value of the attention layers are
+    fused into `in_proj_weight`/`in_proj_bias` (stacked in that order along dim 0); `bert.pooler.*` (absent in
+    transformers, unused) is filled with zeros. `config` (a `GroundingDinoConfig`, optional) is only checked against
+    the weights (Swin window size, text hidden size). Raises ValueError naming the keys it cannot place.
     """
     _check_state_dict(hf_state_dict, "hf_state_dict")
     out: dict[str, Tensor] = {}
+    problems: list[str] = []
+    backbone = {k: v for k, v in hf_state_dict.items() if k.startswith(_HF_SWIN)}
+    if backbone:
+        try:
+            out.update(swin_state_dict_from_transformers(backbone, _HF_SWIN, _BACKBONE))
+        except (KeyError, ValueError) as exc:
+            problems.append(_swin_error(exc))
     unmapped: list[str] = []
-    split: dict[tuple[str, str], dict[str, Tensor]] = {}  # (official key, order) → {q/k/v: tensor}
+    split: dict[str, dict[str, Tensor]] = {}  # official in_proj key → {query/key/value: tensor}
     for key, value in hf_state_dict.items():
-        if _HF_SWIN_FINAL_NORM.match(key):
-            continue
-        m = _HF_SWIN_QKV.match(key)
-        if m is not None:
-            block = _rename(m.group(1) + "attention.o_proj", _FROM_HF)
-            target = block[: -len("proj")] + "qkv." + m.group(3)
-            split.setdefault((target, "qkv"), {})[m.group(2)] = value
+        if key in backbone:
             continue
         m = _HF_MHA_SPLIT.match(key)
         if m is not None:
@@ -278,43 +248,34 @@ def state_dict_from_transformers(hf_state_dict: Mapping[str, Tensor], config=Non
             if module is None:
                 unmapped.append(key)
                 continue
-            target = f"{module}.in_proj_{m.group(3)}"
-            split.setdefault((target, "mha"), {})[m.group(2)] = value
+            split.setdefault(f"{module}.in_proj_{m.group(3)}", {})[m.group(2)] = value
             continue
         new = _rename(key, _FROM_HF)
         if new is None:
             unmapped.append(key)
             continue
         out[new] = value
+    if unmapped:
+        problems.append("no official name for these keys: " + ", ".join(unmapped))
     incomplete = []
-    for (target, kind), parts in split.items():
-        names = ("q", "k", "v") if kind == "qkv" else ("query", "key", "value")
+    for target, parts in split.items():
+        names = ("query", "key", "value")
         if set(parts) != set(names):
             incomplete.append(f"{target} (has {sorted(parts)})")
-            continue
-        shapes = {tuple(parts[n].shape) for n in names}
-        if len(shapes) != 1:
-            incomplete.append(f"{target} (q/k/v shapes differ: {sorted(shapes)})")
-            continue
-        out[target] = torch.cat([parts[n] for n in names], dim=0)
-    if unmapped or incomplete:
-        msg = []
-        if unmapped:
-            msg.append("no official name for these keys: " + ", ".join(unmapped))
-        if incomplete:
-            msg.append("incomplete or inconsistent q/k/v groups: " + ", ".join(incomplete))
-        raise ValueError("state_dict_from_transformers: " + "; ".join(msg))
+        elif len({tuple(parts[n].shape) for n in names}) != 1:
+            incomplete.append(f"{target} (query/key/value shapes differ)")
+        else:
+            out[target] = torch.cat([parts[n] for n in names], dim=0)
+    if incomplete:
+        problems.append("incomplete or inconsistent query/key/value groups: " + ", ".join(incomplete))
+    if problems:
+        raise ValueError("state_dict_from_transformers: " + "; ".join(problems))
 
-    # Buffers and parameters transformers does not hold.
-    for key in list(out):
-        m = re.match(r"^(" + _SWIN_BLOCK + r")attn\.relative_position_bias_table$", key)
-        if m is not None:
-            window = _window_from_table(key, out[key])
-            if config is not None and window != config.backbone_config.window_size:
-                raise ValueError(f"state_dict_from_transformers: {key} implies window size {window}, config says "
-                                 f"{config.backbone_config.window_size}")
-            out[m.group(1) + "attn.relative_position_index"] = swin_relative_position_index(window).to(
-                out[key].device)
+    if config is not None:
+        for key, table in out.items():
+            if _BIAS_TABLE.match(key) and _window_from_table(key, table) != config.backbone_config.window_size:
+                raise ValueError(f"state_dict_from_transformers: {key} implies window size "
+                                 f"{_window_from_table(key, table)}, config says {config.backbone_config.window_size}")
     words = out.get("bert.embeddings.word_embeddings.weight")
     if words is not None:
         hidden = words.shape[1]
@@ -457,3 +418,156 @@ def load_official_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
     report.loaded = [k for k in sd if k in target]
     return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def _unsupported_config(config) -> list[str]:
+    """What in a GroundingDinoConfig this package's GroundingDINO cannot reproduce."""
+    problems = []
+    fixed = {"two_stage": True, "embedding_init_target": True, "query_dim": 4, "decoder_bbox_embed_share": True,
+             "two_stage_bbox_embed_share": False, "position_embedding_type": "sine",
+             "positional_embedding_temperature": 20, "activation_function": "relu", "layer_norm_eps": 1e-5}
+    for name, want in fixed.items():
+        if getattr(config, name, want) != want:
+            problems.append(f"{name}={getattr(config, name)!r} (supported: {want!r})")
+    if config.encoder_attention_heads != config.decoder_attention_heads:
+        problems.append(f"encoder_attention_heads={config.encoder_attention_heads} != decoder_attention_heads="
+                        f"{config.decoder_attention_heads} (one nheads)")
+    if config.encoder_ffn_dim != config.decoder_ffn_dim:
+        problems.append(f"encoder_ffn_dim={config.encoder_ffn_dim} != decoder_ffn_dim={config.decoder_ffn_dim} "
+                        f"(one dim_feedforward)")
+    backbone, text = config.backbone_config, config.text_config
+    if getattr(backbone, "model_type", None) != "swin":
+        problems.append(f"backbone_config.model_type={getattr(backbone, 'model_type', None)!r} (supported: 'swin')")
+    else:
+        if list(backbone.out_indices) != [2, 3, 4]:
+            problems.append(f"backbone_config.out_indices={list(backbone.out_indices)} (supported: [2, 3, 4])")
+        swin_fixed = {"patch_size": 4, "num_channels": 3, "mlp_ratio": 4.0, "qkv_bias": True, "hidden_act": "gelu",
+                      "use_absolute_embeddings": False, "layer_norm_eps": 1e-5}
+        for name, want in swin_fixed.items():
+            if getattr(backbone, name, want) != want:
+                problems.append(f"backbone_config.{name}={getattr(backbone, name)!r} (supported: {want!r})")
+    if getattr(text, "model_type", None) != "bert":
+        problems.append(f"text_config.model_type={getattr(text, 'model_type', None)!r} (supported: 'bert')")
+    return problems
+
+
+def _model_kwargs_from_config(config) -> dict:
+    return {"num_queries": config.num_queries, "d_model": config.d_model, "nheads": config.encoder_attention_heads,
+            "num_encoder_layers": config.encoder_layers, "num_decoder_layers": config.decoder_layers,
+            "dim_feedforward": config.encoder_ffn_dim, "dropout": float(config.dropout),
+            "num_feature_levels": config.num_feature_levels, "enc_n_points": config.encoder_n_points,
+            "dec_n_points": config.decoder_n_points, "fusion_drop_path": float(config.fusion_droppath),
+            "max_text_len": config.max_text_len}
+
+
+def from_transformers(hf_model_or_state_dict, config=None, tokenizer=None, **overrides):
+    """This package's GroundingDINO (eval mode) with the weights of a transformers
+    `GroundingDinoForObjectDetection`: the model itself, a local directory holding one (config.json + weights;
+    never downloads), or its state dict together with its `GroundingDinoConfig` (`config`).
+
+    Architecture arguments come from the config; `tokenizer` and `overrides` (GroundingDINO keyword arguments)
+    are passed on. Our defaults stay official where transformers differs (SPEC §5.10): pass
+    `inverse_sigmoid_eps=1e-5` to reproduce transformers' outputs. Configurations the model cannot express
+    (another backbone, unshared box heads, encoder/decoder head counts that differ, …) raise ValueError naming
+    each field."""
+    source = hf_model_or_state_dict
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"from_transformers: no such model directory: {path!r}")
+        from transformers import GroundingDinoForObjectDetection
+        source = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True)
+    if isinstance(source, nn.Module):
+        if config is not None:
+            raise ValueError("from_transformers: config is only for a state dict; a model brings its own")
+        config = getattr(source, "config", None)
+        if getattr(config, "model_type", None) != "grounding-dino":
+            raise TypeError(f"from_transformers: expected a transformers GroundingDinoForObjectDetection, got "
+                            f"{type(source).__name__}")
+        state = source.state_dict()
+    elif isinstance(source, Mapping):
+        if getattr(config, "model_type", None) != "grounding-dino":
+            raise TypeError("from_transformers: a state dict needs its GroundingDinoConfig as config, got "
+                            f"{type(config).__name__}")
+        state = source
+    else:
+        raise TypeError("from_transformers: hf_model_or_state_dict must be a GroundingDinoForObjectDetection, a "
+                        f"directory or a state dict, got {type(source).__name__}")
+    problems = _unsupported_config(config)
+    if problems:
+        raise ValueError("from_transformers: this GroundingDinoConfig cannot be expressed by GroundingDINO: "
+                         + "; ".join(problems))
+    from .model import GroundingDINO
+    from .swin import SwinTransformer
+    from .text import build_text_encoder
+
+    swin = config.backbone_config
+    backbone = SwinTransformer(embed_dim=swin.embed_dim, depths=tuple(swin.depths), num_heads=tuple(swin.num_heads),
+                               window_size=swin.window_size)
+    kwargs = _model_kwargs_from_config(config)
+    kwargs.update(overrides)
+    model = GroundingDINO(backbone, build_text_encoder(config.text_config), tokenizer, **kwargs)
+    load_official_weights(model, state_dict_from_transformers(state, config))
+    return model.eval()
+
+
+def _swin_settings(state_dict: Mapping[str, Tensor]) -> dict:
+    """embed_dim, depths, num_heads, window_size of the official-named Swin backbone in a state dict."""
+    prefix = "backbone.0."
+    if prefix + "patch_embed.proj.weight" not in state_dict:
+        raise ValueError("to_transformers: the model's backbone is not a Swin transformer with the official names "
+                         "(no backbone.0.patch_embed.proj.weight); transformers' GroundingDino needs one")
+    depths, heads, windows = {}, {}, set()
+    for key, value in state_dict.items():
+        m = re.match(r"^backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", key)
+        if m is not None:
+            layer, block = int(m.group(1)), int(m.group(2))
+            depths[layer] = max(depths.get(layer, 0), block + 1)
+            heads[layer] = value.shape[1]
+            windows.add(_window_from_table(key, value))
+    if len(windows) != 1 or sorted(depths) != list(range(len(depths))):
+        raise ValueError(f"to_transformers: cannot read one Swin layout off the backbone (windows {sorted(windows)}, "
+                         f"layers {sorted(depths)})")
+    return {"embed_dim": state_dict[prefix + "patch_embed.proj.weight"].shape[0],
+                "depths": [depths[i] for i in range(len(depths))], "num_heads": [heads[i] for i in range(len(heads))],
+                "window_size": windows.pop()}
+
+
+def to_transformers(model: nn.Module):
+    """A transformers `GroundingDinoForObjectDetection` (eval mode) with the architecture and weights of this
+    package's GroundingDINO (Swin backbone, BERT text encoder).
+
+    transformers fixes two choices ours leaves open (SPEC §5.10): its inverse-sigmoid eps is 1e-5 (ours defaults to
+    the official 1e-3) and it builds the text-enhancer masks per image (our `text_mask_layout="correct"`), so outputs
+    agree for models built with `inverse_sigmoid_eps=1e-5`. The BERT pooler (unused) is not carried over."""
+    from transformers import (
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        SwinConfig,
+    )
+
+    from .model import GroundingDINO
+
+    if not isinstance(model, GroundingDINO):
+        raise TypeError(f"to_transformers: expected a dinokernels GroundingDINO, got {type(model).__name__}")
+    state = model.state_dict()
+    swin = _swin_settings(state)
+    encoder, decoder = model.transformer.encoder, model.transformer.decoder
+    fusion_drop = getattr(encoder.fusion_layers[0].drop_path, "drop_prob", None) or 0.0
+    backbone_config = SwinConfig(**swin, out_features=["stage2", "stage3", "stage4"])
+    config = GroundingDinoConfig(
+        backbone_config=backbone_config, text_config=copy.deepcopy(model.bert.config), num_queries=model.num_queries,
+        d_model=model.d_model, encoder_layers=len(encoder.layers), decoder_layers=len(decoder.layers),
+        encoder_attention_heads=encoder.layers[0].self_attn.n_heads,
+        decoder_attention_heads=decoder.layers[0].self_attn.num_heads,
+        encoder_ffn_dim=encoder.layers[0].linear1.out_features, decoder_ffn_dim=decoder.layers[0].linear1.out_features,
+        encoder_n_points=encoder.layers[0].self_attn.n_points, decoder_n_points=decoder.layers[0].cross_attn.n_points,
+        num_feature_levels=model.num_feature_levels, max_text_len=model.max_text_len,
+        dropout=encoder.layers[0].dropout.p, fusion_droppath=float(fusion_drop))
+    hf = GroundingDinoForObjectDetection(config)
+    hf.load_state_dict(state_dict_to_transformers(state), strict=True)
+    return hf.eval()

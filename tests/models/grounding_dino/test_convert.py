@@ -19,11 +19,13 @@ from transformers import (
 from dinokernels.models.grounding_dino.convert import (
     KNOWN_EXTRA_CHECKPOINT_KEYS,
     WeightsMismatchError,
+    from_transformers,
     load_official_weights,
     state_dict_from_transformers,
     state_dict_to_transformers,
-    swin_relative_position_index,
+    to_transformers,
 )
+from dinokernels.models.grounding_dino.swin import relative_position_index
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "official_keys"
 HF_SWIN = "model.backbone.conv_encoder.model."
@@ -120,7 +122,7 @@ def test_official_round_trip_is_bit_exact_but_for_the_unused_pooler(full_size):
     for key in pooler:
         ours[key] = torch.rand_like(ours[key]) + 0.5
     assert [k for k, v in ours.items() if v.dtype == torch.int64 and not torch.equal(
-        v, swin_relative_position_index(SWIN[name][3]))] == []
+        v, relative_position_index(SWIN[name][3]))] == []
     hf = state_dict_to_transformers(ours)
     assert not any("pooler" in k for k in hf)
     back = state_dict_from_transformers(hf)
@@ -185,19 +187,18 @@ def test_tiny_round_trip_loads_into_transformers(tiny_hf_model):
 
 
 @pytest.mark.parametrize("window", [1, 2, 7, 12])
-def test_relative_position_index_is_transformers_index(window):
+def test_rebuilt_relative_position_index_is_transformers_index(window):
     config = _tiny_config(window)
-    torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(config)
     buffers = {k: v for k, v in model.named_buffers() if k.endswith("relative_position_index")}
-    assert buffers
+    assert len(buffers) == 4
     ours = state_dict_from_transformers(model.state_dict(), config)
-    rebuilt = {k: v for k, v in ours.items() if k.endswith("relative_position_index")}
-    assert len(rebuilt) == len(buffers)
-    for index in rebuilt.values():
+    for key, buf in buffers.items():
+        layer, block = key.split(".layers.")[1].split(".blocks.")
+        block = block.split(".")[0]
+        index = ours[f"backbone.0.layers.{layer}.blocks.{block}.attn.relative_position_index"]
         assert index.shape == (window * window, window * window) and index.dtype == torch.int64
-    for buf in buffers.values():
-        assert torch.equal(swin_relative_position_index(window).flatten(), buf)
+        assert torch.equal(index.flatten(), buf)
 
 
 def test_fused_swin_attention_matches_transformers_block(tiny_hf_model):
@@ -240,7 +241,7 @@ def test_conversion_errors_name_the_keys(tiny_hf_model):
     hf = dict(tiny_hf_model.state_dict())
     bad = dict(hf, **{"model.mystery.weight": torch.zeros(2)})
     del bad[HF_SWIN + "swin.encoder.layers.0.blocks.0.attention.k_proj.weight"]
-    with pytest.raises(ValueError, match=r"model\.mystery\.weight.*backbone\.0\.layers\.0\.blocks\.0\.attn\.qkv\.weight"):
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attention lacks \['k'\].*model\.mystery\.weight"):
         state_dict_from_transformers(bad)
     ours = state_dict_from_transformers(hf)
     with pytest.raises(ValueError, match=r"transformer\.extra_thing.*transformer\.decoder\.layers\.0\.blah"):
@@ -422,3 +423,104 @@ def test_missing_path_and_bad_arguments(tmp_path):
         load_official_weights(target, {"model": {}})
     with pytest.raises(ValueError, match="both become 'feat_map.weight'"):
         load_official_weights(target, {"feat_map.weight": torch.zeros(4, 4), "module.feat_map.weight": torch.zeros(4, 4)})
+
+
+# ----------------------------------------------------------------------------------------------- whole models
+
+
+def _tiny_parity_config(**changes):
+    """Tiny sizes with dropout 0 and a vocabulary that holds the BERT special ids transformers hard-codes."""
+    config = _tiny_config()
+    config.text_config.vocab_size = 1100
+    config.dropout = 0.0
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_parity_hf():
+    torch.manual_seed(3)
+    model = GroundingDinoForObjectDetection(_tiny_parity_config()).eval()
+    with torch.no_grad():  # transformers' init zeroes the box head's last layer and gates fusion by 1e-4: perturb
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _tiny_inputs():
+    gen = torch.Generator().manual_seed(4)
+    pixel_values = torch.randn(2, 3, 96, 128, generator=gen)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[1, 70:] = 0
+    pixel_mask[1, :, 100:] = 0
+    input_ids = torch.tensor([[101, 7, 8, 1012, 9, 1012, 102], [101, 10, 11, 12, 1012, 102, 0]])
+    attention_mask = (input_ids != 0).long()
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "input_ids": input_ids,
+            "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def test_from_transformers_reproduces_transformers_outputs(tiny_parity_hf):
+    from dinokernels.models.grounding_dino.model import GroundingDINO
+
+    ours = from_transformers(tiny_parity_hf, inverse_sigmoid_eps=1e-5)
+    assert isinstance(ours, GroundingDINO) and not ours.training
+    expected = state_dict_from_transformers(tiny_parity_hf.state_dict())
+    state = ours.state_dict()
+    assert list(state) == [k for k in state if k in expected] and sorted(state) == sorted(expected)
+    assert [k for k in state if not torch.equal(state[k], expected[k])] == []
+    inputs = _tiny_inputs()
+    with torch.no_grad():
+        hf_out = tiny_parity_hf(**inputs)
+        out = ours(**inputs)
+    finite = torch.isfinite(hf_out.logits)
+    assert finite.any() and torch.equal(finite, torch.isfinite(out["pred_logits"]))
+    torch.testing.assert_close(out["pred_logits"][finite], hf_out.logits[finite], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["pred_boxes"], hf_out.pred_boxes, rtol=0, atol=1e-4)
+
+
+def test_to_transformers_round_trip(tiny_parity_hf, tmp_path):
+    ours = from_transformers(tiny_parity_hf)
+    hf = to_transformers(ours)
+    assert isinstance(hf, GroundingDinoForObjectDetection) and not hf.training
+    for name in ("d_model", "num_queries", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                 "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_n_points",
+                 "decoder_n_points", "num_feature_levels", "max_text_len", "dropout", "fusion_droppath"):
+        assert getattr(hf.config, name) == getattr(tiny_parity_hf.config, name), name
+    for name in ("embed_dim", "depths", "num_heads", "window_size", "out_indices"):
+        assert getattr(hf.config.backbone_config, name) == getattr(tiny_parity_hf.config.backbone_config, name), name
+    assert hf.config.text_config.hidden_size == tiny_parity_hf.config.text_config.hidden_size
+    original, back = tiny_parity_hf.state_dict(), hf.state_dict()
+    assert sorted(back) == sorted(original)
+    # swin.layernorm is unused by transformers' backbone and has no official counterpart: it comes back as identity
+    unused = (HF_SWIN + "swin.layernorm.weight", HF_SWIN + "swin.layernorm.bias")
+    assert [k for k in original if k not in unused and not torch.equal(back[k], original[k])] == []
+    assert bool((back[unused[0]] == 1).all()) and not back[unused[1]].any()
+    inputs = _tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).pred_boxes, tiny_parity_hf(**inputs).pred_boxes, rtol=0, atol=0)
+
+    # a saved directory and a (state dict, config) pair give the same model
+    tiny_parity_hf.save_pretrained(tmp_path / "hf")
+    for source, config in ((tmp_path / "hf", None), (tiny_parity_hf.state_dict(), tiny_parity_hf.config)):
+        again = from_transformers(source, config).state_dict()
+        assert [k for k, v in ours.state_dict().items() if not torch.equal(again[k], v)] == []
+
+
+def test_from_transformers_rejects_what_it_cannot_express(tiny_parity_hf, tmp_path):
+    sd = tiny_parity_hf.state_dict()
+    with pytest.raises(TypeError, match="needs its GroundingDinoConfig"):
+        from_transformers(sd)
+    with pytest.raises(ValueError, match="config is only for a state dict"):
+        from_transformers(tiny_parity_hf, tiny_parity_hf.config)
+    with pytest.raises(TypeError, match="GroundingDinoForObjectDetection"):
+        from_transformers(nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        from_transformers(tmp_path / "nowhere")
+    config = _tiny_parity_config(decoder_bbox_embed_share=False, two_stage_bbox_embed_share=False,
+                                 decoder_attention_heads=4, positional_embedding_temperature=10000)
+    with pytest.raises(ValueError, match=r"decoder_bbox_embed_share=False.*positional_embedding_temperature=10000.*"
+                                         r"encoder_attention_heads=2 != decoder_attention_heads=4"):
+        from_transformers(sd, config)
+    with pytest.raises(TypeError, match="GroundingDINO"):
+        to_transformers(tiny_parity_hf)
