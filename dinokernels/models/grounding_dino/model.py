@@ -364,7 +364,8 @@ def grounding_dino_swinb_cogcoor(text_encoder=None, tokenizer=None, **kwargs) ->
 
 def grounding_dino_tiny(tokenizer=None, *, vocab_size: int = 30522, **kwargs) -> GroundingDINO:
     """A small random model for tests and examples (transformers' test sizes, SPEC §5.10 item 6): Swin embed 8,
-    one block per stage, window 7; BERT hidden 8, 2 layers; d_model 32, 2 + 2 layers, FFN 32, 2 heads, 2 points,
+    one block per stage, window 7; BERT hidden 8, 2 layers; d_model 32, 2 + 2 layers, FFN 32, 4 heads (2 in the text
+    enhancer and fusion, so the per-head mask layout matters), 2 points,
     4 queries, max_text_len 32. kwargs override the GroundingDINO arguments."""
     from transformers import BertConfig
     from .swin import SwinTransformer
@@ -372,7 +373,7 @@ def grounding_dino_tiny(tokenizer=None, *, vocab_size: int = 30522, **kwargs) ->
     bert_config = BertConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=16, max_position_embeddings=64)
     bert = _text().build_text_encoder(bert_config)
-    options = dict(backbone_channels=[16, 32, 64], num_queries=4, d_model=32, nheads=2, num_encoder_layers=2,
+    options = dict(backbone_channels=[16, 32, 64], num_queries=4, d_model=32, nheads=4, num_encoder_layers=2,
                    num_decoder_layers=2, dim_feedforward=32, enc_n_points=2, dec_n_points=2, max_text_len=32)
     options.update(kwargs)
     return GroundingDINO(backbone, bert, tokenizer, **options)
