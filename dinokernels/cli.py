@@ -1,15 +1,270 @@
 """Command line: ``dinokernels <command>`` or ``python -m dinokernels <command>``.
 
 `main()` builds the parser; every sub-command registers itself in `add_commands` (info, pretrain, knn,
-attention). The `dinokernels` script and ``python -m dinokernels`` (__main__.py) both call `main`."""
+attention). The `dinokernels` script and ``python -m dinokernels`` (__main__.py) both call `main`.
+
+Errors (docs/reliability.md): a bad flag value is one line naming the flag, the value and the accepted range, exit
+code 2, before any work starts (the range-checked argparse types below, `UsageError` for checks after parsing);
+any other failure is one line and exit code 1 (`run_command`; the traceback only with --debug or
+DINOKERNELS_DEBUG=1). New sub-commands get both by registering in `add_commands` and using these types."""
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
+import traceback
 from dataclasses import fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
-__all__ = ["main", "add_commands", "info_main", "pretrain_main", "knn_main", "attention_main"]
+__all__ = ["main", "add_commands", "info_main", "pretrain_main", "knn_main", "attention_main", "run_command",
+           "UsageError", "positive_int", "nonnegative_int", "finite_float", "finite_positive_float", "probability",
+           "available_memory_bytes", "vit_memory_bytes", "check_memory", "removed_if_empty_on_error"]
+
+DEBUG_ENV = "DINOKERNELS_DEBUG"
+MAX_IMAGE_SIDE = 8192  # pixels: crops, resizes and attention images (a 16384² float image alone is 3 GiB)
+MAX_TILE = 2048  # pixels: one tile of the attention grid
+
+
+# ---- errors and argument types (reusable by every sub-command) ----
+
+class UsageError(ValueError):
+    """A flag value (or a combination of flags) that cannot work, found after parsing: exit code 2, one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`<prog>: error: <message> (see <prog> --help)`, exit code 2) instead of
+    the usage block; sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '≥'} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_open else '≤'} {hi}"
+    return "finite"
+
+
+def positive_int(max: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer in [1, max]."""
+    return _int_type(1, max)
+
+
+def nonnegative_int(max: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer in [0, max]."""
+    return _int_type(0, max)
+
+
+def _int_type(lo: Optional[int], hi: Optional[int]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (accepted: {_range_text(lo, hi, 0, 0)})")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range (accepted: {_range_text(lo, hi, 0, 0)})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in the range [lo, hi] (open ends with lo_open / hi_open); nan and ±inf are
+    refused."""
+    accepted = _range_text(lo, hi, lo_open, hi_open)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (accepted: {accepted})")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not finite (accepted: {accepted})")
+        if lo is not None and (value < lo or (lo_open and value == lo)) or \
+                hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (accepted: {accepted})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def finite_positive_float(max: Optional[float] = None) -> Callable[[str], float]:
+    """argparse type: a finite float > 0 (and ≤ max)."""
+    return finite_float(0.0, max, lo_open=True)
+
+
+def probability() -> Callable[[str], float]:
+    """argparse type: a float in [0, 1]."""
+    return finite_float(0.0, 1.0)
+
+
+def _debug_enabled(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line: its message (the type name too when that says more than the message)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = f"missing key {exc.args[0]!r}"
+    plain = (ValueError, OSError, RuntimeError)
+    if not text or not isinstance(exc, plain) or type(exc).__module__ not in ("builtins",) and \
+            not type(exc).__module__.startswith("dinokernels"):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def run_command(args) -> int:
+    """Runs `args.run(args)` (a sub-command) and turns failures into one line on stderr: UsageError → exit code 2,
+    any other exception → exit code 1, Ctrl-C → 130. With --debug or DINOKERNELS_DEBUG=1 the traceback is printed
+    too."""
+    prog = f"dinokernels {args.command}" if getattr(args, "command", None) else "dinokernels"
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        if _debug_enabled(args):
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the one place that turns every failure into one line
+        if _debug_enabled(args):
+            traceback.print_exc()
+            hint = ""
+        else:
+            hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"{prog}: error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
+        return 1
+
+
+@contextlib.contextmanager
+def removed_if_empty_on_error(folder: Optional[str]) -> Iterator[None]:
+    """On an exception inside the block, removes `folder` and the parents of it that did not exist before the block
+    and are empty afterwards (a failed command leaves no empty output folders behind)."""
+    new = []
+    if folder:
+        path = os.path.abspath(folder)
+        while path and not os.path.exists(path):
+            new.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+    try:
+        yield
+    except BaseException:
+        for path in new:  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[str]:
+    """A temporary path next to `path`, renamed onto it when the block succeeds and removed when it fails."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- memory estimates ----
+
+def available_memory_bytes(device: str = "cpu") -> Optional[int]:
+    """Free memory of `device`: the GPU's free memory for cuda[:N], else the machine's MemAvailable
+    (/proc/meminfo, or available pages × page size). None when it cannot be told."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index
+            return int(torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())[0])
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def vit_memory_bytes(images: int, side: int, patch: int, width: int, depth: int, heads: int,
+                     training: bool, element_bytes: int = 4) -> int:
+    """A lower estimate of the activation memory of a ViT forward on `images` square images of `side` pixels
+    (T = (side // patch)² + 1 tokens of `width`): per block and image 15·T·width values (layer norms, q/k/v,
+    attention output and projection, the 4×-wide MLP twice) plus 2·heads·T² (attention scores and weights). Training
+    keeps every block's activations for the backward pass (× depth); inference needs one block at a time plus the
+    input."""
+    tokens = (side // max(1, patch)) ** 2 + 1
+    per_block = 15 * tokens * width + 2 * heads * tokens * tokens
+    blocks = depth if training else 1
+    return int(images * (blocks * per_block + 3 * side * side) * element_bytes)
+
+
+_VIT_DIMS = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+             "vit_base": (768, 12, 12)}  # (width, depth, heads)
+
+
+def check_memory(estimate: int, what: str, device: str = "cpu") -> None:
+    """UsageError when `estimate` bytes exceed the free memory of `device` (skipped when that is unknown)."""
+    available = available_memory_bytes(device)
+    if available is not None and estimate > available:
+        raise UsageError(f"{what} needs about {_gib(estimate)} of memory (estimate), more than the "
+                         f"{_gib(available)} available on {device}; use smaller sizes or a smaller batch")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _pretrain_memory_bytes(config) -> Optional[int]:
+    """Lower estimate for one training step: the student's activations over all crops (kept for the backward
+    pass), the teacher's over the global crops (one block at a time), the head's outputs, and the weights with
+    their gradients and two AdamW moments (student) plus the teacher's weights."""
+    dims = _VIT_DIMS.get(config.arch)
+    if dims is None:
+        return None
+    width, depth, heads = dims
+    e = 2 if config.resolved_precision() in ("bf16", "fp16") else 4
+    b = config.batch_size_per_gpu
+    student = (vit_memory_bytes(2 * b, config.global_size, config.patch_size, width, depth, heads, True, e)
+               + vit_memory_bytes(config.local_crops_number * b, config.local_size, config.patch_size, width, depth,
+                                  heads, True, e))
+    teacher = vit_memory_bytes(2 * b, config.global_size, config.patch_size, width, depth, heads, False, e)
+    crops = (2 + config.local_crops_number) * b
+    head_out = crops * (3 * config.hidden_dim + config.bottleneck_dim + 3 * config.out_dim) * e
+    params = (12 * depth * width * width + width * config.hidden_dim + config.hidden_dim ** 2
+              + config.hidden_dim * config.bottleneck_dim + config.bottleneck_dim * config.out_dim)
+    return int(student + teacher + head_out + params * 4 * 5)
+
+
+def _model_dims(model):
+    return int(model.embed_dim), len(model.blocks), int(model.num_heads)
 
 
 # ---- info ----
@@ -41,7 +296,12 @@ def _bool(s: str) -> bool:
         return False
     if s.lower() in ("on", "true", "1", "yes"):
         return True
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r}")
+    raise argparse.ArgumentTypeError(f"{s!r} is not a boolean (accepted: true/false, on/off, yes/no, 1/0)")
+
+
+_EPOCHS_MAX = 100_000
+_WIDTH_MAX = 1 << 20
+_crop_side = positive_int(MAX_IMAGE_SIDE)
 
 
 # (field, type, extra argparse kwargs, help). Every flag is spelled with dashes and, as main_dino.py, with
@@ -50,44 +310,44 @@ def _bool(s: str) -> bool:
 _RECIPE = [
     ("arch", str, {}, "vit_nano | vit_tiny | vit_small | vit_base | timm:<name> (official: vit_small; digits: "
                       "vit_nano)"),
-    ("patch_size", int, {}, "ViT patch size (official 16; digits 4)"),
-    ("out_dim", int, {}, "K, the head's output width (official 65536; digits 1024)"),
+    ("patch_size", positive_int(MAX_IMAGE_SIDE), {}, "ViT patch size (official 16; digits 4)"),
+    ("out_dim", positive_int(_WIDTH_MAX), {}, "K, the head's output width (official 65536; digits 1024)"),
     ("norm_last_layer", _bool, {"metavar": "BOOL"}, "weight-normalise the head's last layer with a frozen scale "
                                                     "(official true)"),
-    ("momentum_teacher", float, {}, "base teacher EMA momentum, cosine to 1 (official 0.996)"),
+    ("momentum_teacher", probability(), {}, "base teacher EMA momentum, cosine to 1 (official 0.996)"),
     ("use_bn_in_head", _bool, {"metavar": "BOOL"}, "batch norm in the head (official false)"),
-    ("warmup_teacher_temp", float, {}, "initial teacher temperature (official 0.04)"),
-    ("teacher_temp", float, {}, "teacher temperature after the warm-up (official 0.04)"),
-    ("warmup_teacher_temp_epochs", int, {}, "teacher temperature warm-up epochs (official 0)"),
-    ("weight_decay", float, {}, "initial weight decay (official 0.04)"),
-    ("weight_decay_end", float, {}, "final weight decay, cosine (official 0.4)"),
-    ("clip_grad", float, {}, "per-tensor gradient norm clip, 0 disables (official 3.0)"),
-    ("batch_size_per_gpu", int, {"aliases": ["--batch-size"]}, "images per process and step (official 64)"),
-    ("epochs", int, {}, "training epochs (official 100)"),
-    ("freeze_last_layer", int, {}, "epochs with the head's last layer frozen (official 1)"),
-    ("lr", float, {}, "peak learning rate for a total batch of 256, scaled linearly (official 0.0005)"),
-    ("warmup_epochs", int, {}, "linear learning-rate warm-up epochs (official 10)"),
-    ("min_lr", float, {}, "final learning rate (official 1e-6)"),
+    ("warmup_teacher_temp", finite_positive_float(), {}, "initial teacher temperature (official 0.04)"),
+    ("teacher_temp", finite_positive_float(), {}, "teacher temperature after the warm-up (official 0.04)"),
+    ("warmup_teacher_temp_epochs", nonnegative_int(_EPOCHS_MAX), {}, "teacher temperature warm-up epochs (official 0)"),
+    ("weight_decay", finite_float(0.0), {}, "initial weight decay (official 0.04)"),
+    ("weight_decay_end", finite_float(0.0), {}, "final weight decay, cosine (official 0.4)"),
+    ("clip_grad", finite_float(0.0), {}, "per-tensor gradient norm clip, 0 disables (official 3.0)"),
+    ("batch_size_per_gpu", positive_int(1 << 20), {"aliases": ["--batch-size"]}, "images per process and step (official 64)"),
+    ("epochs", positive_int(_EPOCHS_MAX), {}, "training epochs (official 100)"),
+    ("freeze_last_layer", nonnegative_int(_EPOCHS_MAX), {}, "epochs with the head's last layer frozen (official 1)"),
+    ("lr", finite_positive_float(), {}, "peak learning rate for a total batch of 256, scaled linearly (official 0.0005)"),
+    ("warmup_epochs", nonnegative_int(_EPOCHS_MAX), {}, "linear learning-rate warm-up epochs (official 10)"),
+    ("min_lr", finite_float(0.0), {}, "final learning rate (official 1e-6)"),
     ("optimizer", str, {"choices": ["adamw", "sgd", "lars"]}, "optimiser (official adamw)"),
-    ("drop_path_rate", float, {}, "student stochastic depth (official 0.1)"),
-    ("global_crops_scale", float, {"nargs": 2, "metavar": ("LO", "HI")}, "global crop area range (official 0.4 1)"),
-    ("local_crops_number", int, {}, "local crops per image (official 8)"),
-    ("local_crops_scale", float, {"nargs": 2, "metavar": ("LO", "HI")}, "local crop area range (official 0.05 0.4)"),
-    ("global_size", int, {}, "global crop side in pixels (official 224; digits 32)"),
-    ("local_size", int, {}, "local crop side in pixels (official 96; digits 16)"),
-    ("hidden_dim", int, {}, "head hidden width (official 2048)"),
-    ("bottleneck_dim", int, {}, "head bottleneck width (official 256)"),
-    ("seed", int, {}, "random seed (0)"),
-    ("num_workers", int, {}, "data-loading processes (default: min(10, cores − 1); digits 0)"),
-    ("saveckp_freq", int, {}, "also keep checkpointNNNN.pth every this many epochs, 0: never (official 20)"),
-    ("checkpoint_every", int, {}, "also write checkpoint.pth every this many iterations (0: at epoch ends only)"),
-    ("subset", int, {}, "train on the first N images only"),
+    ("drop_path_rate", finite_float(0.0, 1.0, hi_open=True), {}, "student stochastic depth (official 0.1)"),
+    ("global_crops_scale", finite_float(0.0, 1.0, lo_open=True), {"nargs": 2, "metavar": ("LO", "HI")}, "global crop area range (official 0.4 1)"),
+    ("local_crops_number", nonnegative_int(64), {}, "local crops per image (official 8)"),
+    ("local_crops_scale", finite_float(0.0, 1.0, lo_open=True), {"nargs": 2, "metavar": ("LO", "HI")}, "local crop area range (official 0.05 0.4)"),
+    ("global_size", _crop_side, {}, "global crop side in pixels (official 224; digits 32)"),
+    ("local_size", _crop_side, {}, "local crop side in pixels (official 96; digits 16)"),
+    ("hidden_dim", positive_int(_WIDTH_MAX), {}, "head hidden width (official 2048)"),
+    ("bottleneck_dim", positive_int(_WIDTH_MAX), {}, "head bottleneck width (official 256)"),
+    ("seed", nonnegative_int(2**63 - 1), {}, "random seed (0)"),
+    ("num_workers", nonnegative_int(1024), {}, "data-loading processes (default: min(10, cores − 1); digits 0)"),
+    ("saveckp_freq", nonnegative_int(_EPOCHS_MAX), {}, "also keep checkpointNNNN.pth every this many epochs, 0: never (official 20)"),
+    ("checkpoint_every", nonnegative_int(), {}, "also write checkpoint.pth every this many iterations (0: at epoch ends only)"),
+    ("subset", positive_int(), {}, "train on the first N images only"),
     ("eval_data", str, {"metavar": "DIR"}, "labelled folder with train/ and val/ sub-folders for the k-NN table "
                                            "after training on --data"),
-    ("eval_resize", int, {}, "k-NN preprocessing: resize the shorter side (256 for folders; digits: the crop size)"),
-    ("eval_crop", int, {}, "k-NN preprocessing: centre crop (224 for folders; digits: --global-size)"),
-    ("knn_k", int, {}, "k of the k-NN evaluation (20)"),
-    ("knn_temperature", float, {}, "temperature of the k-NN vote (0.07)"),
+    ("eval_resize", _crop_side, {}, "k-NN preprocessing: resize the shorter side (256 for folders; digits: the crop size)"),
+    ("eval_crop", _crop_side, {}, "k-NN preprocessing: centre crop (224 for folders; digits: --global-size)"),
+    ("knn_k", positive_int(1 << 20), {}, "k of the k-NN evaluation (20)"),
+    ("knn_temperature", finite_positive_float(), {}, "temperature of the k-NN vote (0.07)"),
 ]
 
 
@@ -110,10 +370,13 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--data", metavar="DIR", help="folder of images (recursive; jpg/png/webp); default: the built-in "
                                                  "digits")
     p.add_argument("--out", metavar="DIR", help="output folder: checkpoint.pth, log.jsonl, loss.png, summary.json "
-                                                "(default: out)")
+                                                "(default: out; with --resume CHECKPOINT: the checkpoint's folder)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out>/checkpoint.pth), with its settings unless "
-                        "flags given here override them (e.g. a larger --epochs)")
+                        "flags given here override them (e.g. a larger --epochs); outputs go to --out, else to the "
+                        "checkpoint's folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into a folder that holds another run's files (they are replaced)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (default auto: fp16 with loss scaling on CUDA as official, fp32 on CPU)")
@@ -144,32 +407,58 @@ def _pretrain_config(args) -> Any:
         if key in given:
             given[key] = tuple(given[key])
     if args.resume is None:
-        return make_config(**given)
+        try:
+            return make_config(**given)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     path = args.resume or os.path.join(given.get("out", "out"), "checkpoint.pth")
-    if not os.path.isfile(path):
-        raise SystemExit(f"dinokernels pretrain: --resume: no checkpoint at {path}")
-    stored = load_checkpoint(path).get("config")
-    if stored is None:
-        raise SystemExit(f"dinokernels pretrain: --resume: {path} is not a dinokernels pretraining checkpoint")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"--resume: {path} is not a dinokernels pretraining checkpoint (no stored settings)")
     values = dict(stored)
     values.update(given)
     values["resume"] = path
-    return PretrainConfig.from_dict(values)
+    # Outputs go to --out, else next to the checkpoint given: never to a folder named inside the file.
+    values["out"] = given["out"] if "out" in given else (os.path.dirname(path) or ".")
+    try:
+        return PretrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from e
+
+
+def _check_pretrain_combinations(config) -> None:
+    """Flag combinations that parse but cannot train (UsageError, before any work)."""
+    for name in ("global_size", "local_size"):
+        if config.local_crops_number == 0 and name == "local_size":
+            continue
+        side = getattr(config, name)
+        if side < config.patch_size or side % config.patch_size:
+            raise UsageError(f"--patch-size {config.patch_size} must divide --{name.replace('_', '-')} {side} "
+                             f"(crops are cut into whole patches)")
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if getattr(config, name) > config.epochs:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)} exceeds --epochs {config.epochs}")
 
 
 def pretrain_main(args) -> int:
-    from .train.trainer import NonFiniteLossError, train_dino
+    from .train.trainer import OutputFolderInUseError, _check_output_folder, train_dino
 
+    config = _pretrain_config(args)
+    _check_pretrain_combinations(config)
     try:
-        config = _pretrain_config(args)
-    except ValueError as e:
-        print(f"dinokernels pretrain: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train_dino(config)
-    except NonFiniteLossError as e:
-        print(f"dinokernels pretrain: {e}", file=sys.stderr)
-        return 1
+        _check_output_folder(config, bool(getattr(args, "overwrite", False)))
+    except OutputFolderInUseError as e:
+        raise UsageError(str(e)) from e
+    estimate = _pretrain_memory_bytes(config)
+    if estimate is not None:
+        check_memory(estimate, f"training {config.arch}/{config.patch_size} on {config.batch_size_per_gpu} images "
+                               f"× (2 × {config.global_size}px + {config.local_crops_number} × "
+                               f"{config.local_size}px crops)", config.resolved_device())
+    with removed_if_empty_on_error(config.out):
+        result = train_dino(config, overwrite=bool(getattr(args, "overwrite", False)))
     from .train.distributed import cleanup_distributed, is_main_process
 
     if is_main_process():
@@ -193,16 +482,17 @@ def _add_knn(commands) -> None:
     p.add_argument("--data", metavar="DIR", help="labelled folder with train/ and val/ (or test/) sub-folders")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="network (default teacher)")
     p.add_argument("--arch", help="architecture of an official weight file (default: inferred from its shapes)")
-    p.add_argument("--patch-size", "--patch_size", type=int, dest="patch_size")
-    p.add_argument("--k", "--nb_knn", type=int, default=20, dest="k", help="neighbours (20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (0.07)")
-    p.add_argument("--resize", type=int, help="evaluation resize (default 256 for folders; digits: crop size)")
-    p.add_argument("--crop", type=int, help="evaluation centre crop (default 224 for folders; digits: the "
-                                            "training size)")
+    p.add_argument("--patch-size", "--patch_size", type=positive_int(MAX_IMAGE_SIDE), dest="patch_size")
+    p.add_argument("--k", "--nb_knn", type=positive_int(1 << 20), default=20, dest="k", help="neighbours (20)")
+    p.add_argument("--temperature", type=finite_positive_float(), default=0.07, help="vote temperature (0.07)")
+    p.add_argument("--resize", type=positive_int(MAX_IMAGE_SIDE),
+                   help="evaluation resize (default 256 for folders; digits: crop size)")
+    p.add_argument("--crop", type=positive_int(MAX_IMAGE_SIDE),
+                   help="evaluation centre crop (default 224 for folders; digits: the training size)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
                    help="also random initialisation and raw pixels (default: on for digits)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0, dest="num_workers")
+    p.add_argument("--num-workers", type=nonnegative_int(1024), default=0, dest="num_workers")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=knn_main)
 
@@ -213,13 +503,33 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def knn_main(args) -> int:
+def _load_backbone(args):
+    """load_backbone for --checkpoint, with a missing, empty, truncated or foreign file as one clear error."""
     from .eval.loading import load_backbone
+    from .train.checkpoint import LOAD_ERRORS, check_checkpoint_file, checkpoint_error
+
+    path = check_checkpoint_file(args.checkpoint, "--checkpoint")
+    try:
+        from .eval.loading import read_checkpoint
+
+        read_checkpoint(path)
+    except LOAD_ERRORS as e:
+        raise checkpoint_error(path, e, "--checkpoint") from e
+    try:
+        return load_backbone(path, args.which, args.arch, args.patch_size)
+    except (KeyError, TypeError, AttributeError) as e:  # a readable file without the expected contents
+        raise ValueError(f"--checkpoint {path!r} is not a DINO checkpoint or backbone weight file "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def knn_main(args) -> int:
     from .eval.report import evaluate_features, format_table, random_init_backbone, summary_keys
     from .train.config import PretrainConfig
     from .train.inputs import build_eval_datasets
 
-    model, config, _ = load_backbone(args.checkpoint, args.which, args.arch, args.patch_size)
+    if args.data is not None and not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data!r} is not a folder")
+    model, config, _ = _load_backbone(args)
     if config is None:
         arch = args.arch or _arch_of(model)
         config = PretrainConfig(arch=arch, patch_size=_patch_of(model), data=args.data or ".")
@@ -228,6 +538,13 @@ def knn_main(args) -> int:
               "train/ and val/ sub-folders)", file=sys.stderr)
         return 2
     config = config.replace(eval_resize=args.resize or config.eval_resize, eval_crop=args.crop or config.eval_crop)
+    device = _device(args.device)
+    width, depth, heads = _model_dims(model)
+    side = config.eval_crop or (config.global_size if args.data is None else 224)
+    n_cached = 1797 if args.data is None else 0  # the digits' evaluation images are kept in memory
+    check_memory(vit_memory_bytes(256, side, _patch_of(model), width, depth, heads, False)
+                 + n_cached * 3 * side * side * 4 * 2,
+                 f"k-NN features of {side}px crops (batches of 256)", device)
     if args.data is not None:
         config = config.replace(data=args.data)
     sets = build_eval_datasets(config, args.data)
@@ -239,7 +556,6 @@ def knn_main(args) -> int:
     backbones = {"learned (teacher)" if args.which == "teacher" else "learned (student)": model}
     if baselines:
         backbones["random init"] = random_init_backbone(config)
-    device = _device(args.device)
     results = evaluate_features(backbones, train_set, test_set, device=device, k=args.k, T=args.temperature,
                                 raw_pixels=baselines, num_workers=args.num_workers)
     if args.json:
@@ -272,20 +588,24 @@ def _add_attention(commands) -> None:
     p.add_argument("--out", required=True, metavar="PNG")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
     p.add_argument("--arch", help="architecture of an official weight file (default: inferred)")
-    p.add_argument("--patch-size", "--patch_size", type=int, dest="patch_size")
-    p.add_argument("--image-size", "--image_size", type=int, dest="image_size",
+    p.add_argument("--patch-size", "--patch_size", type=positive_int(MAX_IMAGE_SIDE), dest="patch_size")
+    p.add_argument("--image-size", "--image_size", type=positive_int(MAX_IMAGE_SIDE), dest="image_size",
                    help="resize the image to this square side (default: 480 as the official script; digits "
                         "checkpoints: the training size)")
-    p.add_argument("--tile", type=int, default=160, help="side of each tile in the grid, in pixels (160)")
+    p.add_argument("--tile", type=positive_int(MAX_TILE), default=160,
+                   help="side of each tile in the grid, in pixels (160)")
     p.set_defaults(run=attention_main)
 
 
 def attention_main(args) -> int:
     from .eval.attention import visualize_attention
-    from .eval.loading import load_backbone
     from .train.inputs import normalization
 
-    model, config, _ = load_backbone(args.checkpoint, args.which, args.arch, args.patch_size)
+    if args.image is not None and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image!r}: no such file")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a folder; give the PNG file to write")
+    model, config, _ = _load_backbone(args)
     digits = config is not None and config.data is None
     if digits:
         mean, std = normalization(config)
@@ -303,8 +623,16 @@ def attention_main(args) -> int:
         from .data import DigitsDataset
 
         image = DigitsDataset(size=config.digits_size, split="test")[0][0]
-    path = visualize_attention(model, image, args.out, image_size=size, mean=mean, std=std, tile=args.tile)
-    print(f"attention maps ({model.num_heads} heads) written to {path}")
+    width, depth, heads = _model_dims(model)
+    patch = _patch_of(model)
+    if size < patch:
+        raise UsageError(f"--image-size {size} is smaller than the model's {patch}-pixel patch")
+    check_memory(vit_memory_bytes(1, size, patch, width, depth, heads, False)
+                 + 2 * heads * size * size * 4 + 3 * (heads + 1) * args.tile * args.tile,
+                 f"attention maps of a {size}px image ({heads} heads, {args.tile}px tiles)", "cpu")
+    with removed_if_empty_on_error(os.path.dirname(os.path.abspath(args.out))), _atomic_output(args.out) as tmp:
+        visualize_attention(model, image, tmp, image_size=size, mean=mean, std=std, tile=args.tile)
+    print(f"attention maps ({model.num_heads} heads) written to {args.out}")
     return 0
 
 
@@ -316,10 +644,22 @@ def add_commands(commands) -> None:
     _add_attention(commands)
 
 
-def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dinokernels", description="dinokernels: build information, DINO "
-                                     "pretraining and evaluation")
+def build_parser() -> argparse.ArgumentParser:
+    """The `dinokernels` parser: every sub-command of add_commands, each with --debug."""
+    parser = ArgumentParser(prog="dinokernels", description="dinokernels: build information, DINO pretraining and "
+                                                            "evaluation")
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (or {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     add_commands(commands)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    for sub in commands.choices.values():
+        if not any("--debug" in a.option_strings for a in sub._actions):
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=f"print the traceback of an error (or {DEBUG_ENV}=1)")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Parses `argv` (usage errors: one line, exit code 2) and runs the sub-command through run_command (other
+    errors: one line, exit code 1)."""
+    args = build_parser().parse_args(argv)
+    return run_command(args)

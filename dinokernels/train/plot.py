@@ -34,7 +34,8 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], path: str, title: str =
                xlabel: str = "iteration", ylabel: str = "loss", smooth: Optional[int] = None,
                size=(800, 480)) -> str:
     """Line plot of ys against xs (raw in light grey, a moving average of `smooth` points in blue; default
-    ~2% of the points), with axes, ticks and labels; saved as PNG at `path`. Non-finite points are skipped."""
+    ~2% of the points), with axes, ticks and labels; saved as PNG at `path` (atomically). Non-finite points are
+    skipped."""
     from PIL import Image, ImageDraw
 
     pts = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(float(x)) and math.isfinite(float(y))]
@@ -87,5 +88,8 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], path: str, title: str =
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
     else:
         d.text((left + 10, top + 10), "no finite points", fill=(200, 0, 0))
-    img.save(path, format="PNG")
+    from .checkpoint import atomic_write
+
+    with atomic_write(path, "wb") as f:  # a kill mid-save leaves the previous picture, never a torn one
+        img.save(f, format="PNG")
     return path

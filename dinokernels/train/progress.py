@@ -79,49 +79,58 @@ class ProgressBar:
 
 class JsonlLog:
     """Appends one JSON object per line; `truncate_after(iteration)` drops the lines of iterations that a resumed
-    run will redo (they were logged after the checkpoint it resumes from)."""
+    run will redo (they were logged after the checkpoint it resumes from).
+
+    Kill-safety: each record is appended by one write(2) call on an O_APPEND descriptor, so a killed process leaves
+    whole lines (a power cut can still cut the last one: `read` skips a line that does not parse, and the next
+    append starts on a fresh line); `truncate_after` rewrites the file atomically (temporary file + rename)."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
-        self._f = None
+        self._fd: Optional[int] = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def truncate_after(self, iteration: int) -> None:
         if self.path is None or not os.path.exists(self.path):
             return
-        kept: List[str] = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a crash
-                if rec.get("iteration", 0) <= iteration:
-                    kept.append(json.dumps(rec))
-        with open(self.path, "w") as f:
-            f.write("".join(k + "\n" for k in kept))
+        from .checkpoint import atomic_write
+
+        kept = [rec for rec in self.read(self.path) if rec.get("iteration", 0) <= iteration]
+        with atomic_write(self.path, "w") as f:
+            f.write("".join(json.dumps(rec) + "\n" for rec in kept))
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.path is None:
             return
-        if self._f is None:
-            self._f = open(self.path, "a")
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        data = (json.dumps(record) + "\n").encode()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(self._fd).st_size
+            if size:  # a line cut by a crash must not swallow this record
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        data = b"\n" + data
+        written = os.write(self._fd, data)
+        while written < len(data):  # short writes only happen on full disks / signals; finish the line
+            written += os.write(self._fd, data[written:])
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @staticmethod
     def read(path: str) -> List[Dict[str, Any]]:
+        """The records of `path`; a line that does not parse (cut by a crash) is skipped."""
         out = []
         with open(path) as f:
             for line in f:
                 try:
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
                 except ValueError:
-                    pass
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
         return out

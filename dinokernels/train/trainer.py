@@ -14,8 +14,10 @@ frozen during the first epoch, the EMA teacher with a cosine momentum schedule, 
   checkpoint (written after a finite step) untouched;
 * a progress bar on stderr, log.jsonl (one line per iteration and per epoch) and loss.png at the end.
 """
+import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, to_plain
+from .checkpoint import (atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state,
+                         temporary_files, to_plain)
 from .config import PretrainConfig
 from .distributed import (ShardedSampler, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main_process, local_device, wrap_ddp)
@@ -35,13 +38,59 @@ from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients,
 from .progress import JsonlLog, ProgressBar, format_seconds
 from .schedules import cosine_scheduler
 
-__all__ = ["train_dino", "build_student_teacher", "NonFiniteLossError", "CHECKPOINT_FORMAT", "forward_views"]
+__all__ = ["train_dino", "build_student_teacher", "NonFiniteLossError", "OutputFolderInUseError", "CHECKPOINT_FORMAT",
+           "forward_views", "run_files"]
 
 CHECKPOINT_FORMAT = "dinokernels.dino.v1"
+RUN_FILE_NAMES = ("checkpoint.pth", "log.jsonl", "summary.json", "loss.png")
+_EPOCH_CHECKPOINT = re.compile(r"checkpoint\d{4,}\.pth")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss (or the network outputs it is computed from) was NaN or infinite."""
+
+
+class OutputFolderInUseError(FileExistsError):
+    """The output folder holds another run's files (checkpoint, log, summary, plot) and overwriting was not asked
+    for."""
+
+
+def run_files(folder: str) -> List[str]:
+    """Names of the files a pretraining run writes that exist in `folder` (sorted; [] for a missing folder)."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(e for e in entries if e in RUN_FILE_NAMES or _EPOCH_CHECKPOINT.fullmatch(e))
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output_folder(config: PretrainConfig, overwrite: bool) -> bool:
+    """Refuses (OutputFolderInUseError) to write into a folder holding another run's files unless `overwrite`;
+    resuming from a checkpoint inside the folder continues that run and is allowed. Returns True when the folder's
+    previous run files are to be replaced (a fresh run, or a resume from elsewhere, with overwrite)."""
+    existing = run_files(config.out)
+    if not existing:
+        return False
+    if config.resume and _same_folder(os.path.dirname(os.path.abspath(config.resume)), config.out):
+        return False
+    if not overwrite:
+        raise OutputFolderInUseError(
+            f"output folder {config.out!r} already holds another run's files ({', '.join(existing)}); choose "
+            f"another --out, resume that run with --resume {os.path.join(config.out, 'checkpoint.pth')}, or "
+            f"replace them with --overwrite")
+    return True
+
+
+def _remove_run_files(out: str) -> None:
+    for name in run_files(out):
+        os.remove(os.path.join(out, name))
 
 
 def _say(message: str) -> None:
@@ -178,12 +227,32 @@ def _check_resume_config(ckpt_cfg: Dict[str, Any], config: PretrainConfig) -> No
 
 # ---- training ----
 
-def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None) -> Dict[str, Any]:
+def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Pretrains DINO as `config` says; returns a result dict (paths, iterations, first/last loss, timings and, when
     evaluated, the k-NN results) that is also written to <out>/summary.json by the main process.
 
+    Outputs go to config.out only. A folder that holds another run's files is refused (OutputFolderInUseError)
+    unless `overwrite` (then those files are removed when training starts) or the run resumes from a checkpoint in
+    that folder. Every output is written atomically (checkpoint, summary.json, loss.png: temporary file + rename;
+    log.jsonl: whole-line appends), and an output folder this call created is removed again if it fails before
+    writing anything into it.
+
     Raises NonFiniteLossError when the loss is not finite (after the last good checkpoint, nothing is written).
     Under torchrun (WORLD_SIZE > 1) each process calls this; the process group is created if needed."""
+    replace_previous = _check_output_folder(config, overwrite)  # every rank: all refuse together
+    created = not os.path.exists(config.out)
+    try:
+        return _train(config, evaluate, replace_previous)
+    except BaseException:
+        if created and is_main_process():
+            try:
+                os.rmdir(config.out)  # only when empty: nothing of this run to keep
+            except OSError:
+                pass
+        raise
+
+
+def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: bool) -> Dict[str, Any]:
     wall0 = time.perf_counter()
     device_name = config.resolved_device()
     init_distributed(device_name)
@@ -195,6 +264,9 @@ def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None) -> Di
     out = config.out
     if is_main_process():
         os.makedirs(out, exist_ok=True)
+        for name in RUN_FILE_NAMES:  # leftovers of atomic writes interrupted by a kill
+            for tmp in temporary_files(out, name):
+                os.remove(tmp)
     _seed_everything(config.seed + rank)
 
     # ---- data ----
@@ -280,6 +352,8 @@ def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None) -> Di
     iteration = start_epoch * niter_per_ep + start_it
     ckpt_path = os.path.join(out, "checkpoint.pth")
     log = JsonlLog(os.path.join(out, "log.jsonl") if is_main_process() else None)
+    if is_main_process() and replace_previous:
+        _remove_run_files(out)
     if resumed_from is not None:
         log.truncate_after(iteration)
     elif is_main_process() and os.path.exists(os.path.join(out, "log.jsonl")):
@@ -408,9 +482,7 @@ def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None) -> Di
         result.update(evaluate_pretraining(config, unwrap(teacher), dino_loss.center, device))
     result["wall_seconds"] = time.perf_counter() - wall0
     if is_main_process():
-        import json
-
-        with open(os.path.join(out, "summary.json"), "w") as f:
+        with atomic_write(os.path.join(out, "summary.json"), "w") as f:
             json.dump(_jsonable(result), f, indent=2)
     if is_distributed():
         torch.distributed.barrier()
