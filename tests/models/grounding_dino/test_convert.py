@@ -524,3 +524,33 @@ def test_from_transformers_rejects_what_it_cannot_express(tiny_parity_hf, tmp_pa
         from_transformers(sd, config)
     with pytest.raises(TypeError, match="GroundingDINO"):
         to_transformers(tiny_parity_hf)
+
+
+def test_released_style_file_loads_into_the_real_model(tmp_path):
+    """A checkpoint laid out as the released ones (under "model", DDP prefix, the two extras) saved from one tiny
+    GroundingDINO loads into another and gives the same outputs; the shared box head must agree across its names."""
+    from dinokernels.models.grounding_dino.model import grounding_dino_tiny
+
+    torch.manual_seed(5)
+    source = grounding_dino_tiny(vocab_size=1100).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights = {"module." + k: v for k, v in source.state_dict().items()}
+    weights["module.bert.embeddings.position_ids"] = torch.arange(64)[None]
+    weights["module.label_enc.weight"] = torch.randn(2001, 32)
+    path = tmp_path / "released_style.pth"
+    torch.save({"model": weights, "epoch": 11}, path)
+
+    target = grounding_dino_tiny(vocab_size=1100).eval()
+    report = load_official_weights(target, path)
+    assert sorted(report.ignored) == sorted(KNOWN_EXTRA_CHECKPOINT_KEYS) and report.missing == []
+    assert sorted(report.loaded) == sorted(source.state_dict())
+    inputs = _tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(target(**inputs)["pred_boxes"], source(**inputs)["pred_boxes"])
+
+    weights["module.transformer.decoder.bbox_embed.1.layers.0.bias"] = torch.zeros(32)
+    with pytest.raises(WeightsMismatchError, match=r"tied to one tensor.*transformer\.decoder\.bbox_embed\.1\."
+                                                   r"layers\.0\.bias"):
+        load_official_weights(target, {"model": weights})
