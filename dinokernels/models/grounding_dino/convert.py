@@ -57,7 +57,7 @@ KNOWN_EXTRA_CHECKPOINT_KEYS = ("label_enc.weight", "bert.embeddings.position_ids
 _HF_SWIN = "model.backbone.conv_encoder.model."  # transformers' SwinBackbone inside GroundingDinoForObjectDetection
 
 # (official prefix, transformers prefix): a rule matches a key equal to the prefix or starting with prefix + ".";
-# the remainder is kept. {i}, {j} stand for layer / block indices. Fused attention is handled separately.
+# the remainder is kept. {i} stands for a layer index. Fused attention is handled separately.
 _RULES: list[tuple[str, str]] = [
     # image and text inputs
     ("input_proj", "model.input_proj_vision"),
@@ -120,7 +120,7 @@ _POOLER = re.compile(r"^bert\.pooler\.dense\.(weight|bias)$")
 
 
 def _compile(template: str) -> re.Pattern:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
     return re.compile("^" + pattern + r"(?P<rest>\..*)?$")
 
 
@@ -134,15 +134,15 @@ def _rename(key: str, rules) -> str | None:
         m = pattern.match(key)
         if m is not None:
             groups = m.groupdict()
-            out = template.replace("{i}", groups.get("i") or "").replace("{j}", groups.get("j") or "")
+            out = template.replace("{i}", groups.get("i") or "")
             return out + (groups["rest"] or "")
     return None
 
 
 def _window_from_table(key: str, table: Tensor) -> int:
-    rows = table.shape[0]
+    rows = table.shape[0] if table.dim() == 2 else 0
     side = round(rows ** 0.5)
-    if table.dim() != 2 or side * side != rows or side % 2 == 0:
+    if rows == 0 or side * side != rows or side % 2 == 0:
         raise ValueError(f"{key}: expected a ((2w-1)^2, heads) relative position bias table, got shape "
                          f"{tuple(table.shape)}")
     return (side + 1) // 2
