@@ -18,8 +18,8 @@ from dinokernels.models.grounding_dino.text import (
 )
 
 transformers = pytest.importorskip("transformers")
-from transformers import BertConfig, BertModel  # noqa: E402
-from transformers.models.grounding_dino.modeling_grounding_dino import (  # noqa: E402
+from transformers import BertConfig, BertModel
+from transformers.models.grounding_dino.modeling_grounding_dino import (
     generate_masks_with_special_tokens_and_transfer_map as hf_masks,
 )
 
