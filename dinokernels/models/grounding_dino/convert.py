@@ -356,7 +356,8 @@ def load_official_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
     """Load a released Grounding DINO checkpoint (`groundingdino_swint_ogc.pth`, `groundingdino_swinb_cogcoor.pth`)
     or an already loaded dict into `model`, whose `state_dict()` uses the official names.
 
-    * A path is read with torch.load(map_location="cpu", weights_only=True). A missing path raises
+    * A path is read with torch.load(map_location="cpu", weights_only=True), memory-mapped when the file is in
+      torch's zip format (no second in-memory copy of the weights). A missing path raises
       FileNotFoundError; an empty, truncated or corrupt file, or a pickle that is not a checkpoint, ValueError
       naming the path.
     * The weights are `checkpoint["model"]`, or the dict itself when it is flat; a leading `module.` is stripped.
@@ -533,8 +534,8 @@ def _swin_settings(state_dict: Mapping[str, Tensor]) -> dict:
         raise ValueError(f"to_transformers: cannot read one Swin layout off the backbone (windows {sorted(windows)}, "
                          f"layers {sorted(depths)})")
     return {"embed_dim": state_dict[prefix + "patch_embed.proj.weight"].shape[0],
-                "depths": [depths[i] for i in range(len(depths))], "num_heads": [heads[i] for i in range(len(heads))],
-                "window_size": windows.pop()}
+            "depths": [depths[i] for i in range(len(depths))], "num_heads": [heads[i] for i in range(len(heads))],
+            "window_size": windows.pop()}
 
 
 def to_transformers(model: nn.Module):
