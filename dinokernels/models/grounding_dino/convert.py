@@ -86,7 +86,8 @@ _RULES: list[tuple[str, str]] = [
      "model.encoder.layers.{i}.fusion_layer.attn.values_text_proj"),
     ("transformer.encoder.fusion_layers.{i}.attn.out_v_proj",
      "model.encoder.layers.{i}.fusion_layer.attn.out_vision_proj"),
-    ("transformer.encoder.fusion_layers.{i}.attn.out_l_proj", "model.encoder.layers.{i}.fusion_layer.attn.out_text_proj"),
+    ("transformer.encoder.fusion_layers.{i}.attn.out_l_proj",
+     "model.encoder.layers.{i}.fusion_layer.attn.out_text_proj"),
     # decoder
     ("transformer.decoder.layers.{i}.self_attn", "model.decoder.layers.{i}.self_attn"),
     ("transformer.decoder.layers.{i}.norm2", "model.decoder.layers.{i}.self_attn_layer_norm"),

@@ -148,11 +148,13 @@ def test_named_correspondences(full_size):
         "backbone.0.norm1.weight": HF_SWIN + "hidden_states_norms.stage2.weight",
         "backbone.0.norm3.bias": HF_SWIN + "hidden_states_norms.stage4.bias",
         "input_proj.3.1.weight": "model.input_proj_vision.3.1.weight",
-        "bert.encoder.layer.5.attention.self.key.weight": "model.text_backbone.encoder.layer.5.attention.self.key.weight",
+        "bert.encoder.layer.5.attention.self.key.weight":
+            "model.text_backbone.encoder.layer.5.attention.self.key.weight",
         "feat_map.weight": "model.text_projection.weight",
         "transformer.encoder.fusion_layers.4.gamma_v": "model.encoder.layers.4.fusion_layer.vision_param",
         "transformer.encoder.fusion_layers.4.gamma_l": "model.encoder.layers.4.fusion_layer.text_param",
-        "transformer.encoder.fusion_layers.4.attn.l_proj.bias": "model.encoder.layers.4.fusion_layer.attn.text_proj.bias",
+        "transformer.encoder.fusion_layers.4.attn.l_proj.bias":
+            "model.encoder.layers.4.fusion_layer.attn.text_proj.bias",
         "transformer.encoder.text_layers.3.norm1.weight":
             "model.encoder.layers.3.text_enhancer_layer.layer_norm_before.weight",
         "transformer.encoder.layers.3.norm2.weight": "model.encoder.layers.3.deformable_layer.final_layer_norm.weight",
@@ -172,7 +174,8 @@ def test_named_correspondences(full_size):
     assert [o for o, h in pairs.items() if not torch.equal(ours[o], hf[h])] == []
     in_proj = ours["transformer.decoder.layers.2.ca_text.in_proj_weight"]
     for part, name in enumerate(("query", "key", "value")):
-        assert torch.equal(in_proj[part * 256:(part + 1) * 256], hf[f"model.decoder.layers.2.encoder_attn_text.{name}.weight"])
+        assert torch.equal(in_proj[part * 256:(part + 1) * 256],
+                           hf[f"model.decoder.layers.2.encoder_attn_text.{name}.weight"])
 
 
 def test_tiny_round_trip_loads_into_transformers(tiny_hf_model):
@@ -226,9 +229,10 @@ def test_fused_multihead_attention_matches_transformers(tiny_hf_model, module):
     """torch's nn.MultiheadAttention (the official layer) with the fused weights against transformers' split
     attention module."""
     ours = state_dict_from_transformers(tiny_hf_model.state_dict())
-    hf_module = {"transformer.encoder.text_layers.1.self_attn": tiny_hf_model.model.encoder.layers[1].text_enhancer_layer.self_attn,
-                 "transformer.decoder.layers.0.self_attn": tiny_hf_model.model.decoder.layers[0].self_attn,
-                 "transformer.decoder.layers.1.ca_text": tiny_hf_model.model.decoder.layers[1].encoder_attn_text}[module]
+    hf = tiny_hf_model.model
+    hf_module = {"transformer.encoder.text_layers.1.self_attn": hf.encoder.layers[1].text_enhancer_layer.self_attn,
+                 "transformer.decoder.layers.0.self_attn": hf.decoder.layers[0].self_attn,
+                 "transformer.decoder.layers.1.ca_text": hf.decoder.layers[1].encoder_attn_text}[module]
     mha = nn.MultiheadAttention(32, hf_module.num_attention_heads, batch_first=True)
     mha.load_state_dict({k[len(module) + 1:]: v for k, v in ours.items() if k.startswith(module + ".")}, strict=True)
     q, kv = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
@@ -251,7 +255,8 @@ def test_conversion_errors_name_the_keys(tiny_hf_model):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         state_dict_to_transformers(dict(ours, **{key: ours[key].flip(0)}))
     with pytest.raises(ValueError, match="divisible by 3"):
-        state_dict_to_transformers(dict(ours, **{"transformer.decoder.layers.0.self_attn.in_proj_bias": torch.zeros(4)}))
+        state_dict_to_transformers(dict(ours, **{"transformer.decoder.layers.0.self_attn.in_proj_bias":
+                                                 torch.zeros(4)}))
     with pytest.raises(ValueError, match="window size 7, config says 5"):
         state_dict_from_transformers(hf, _tiny_config(window=5))
     with pytest.raises(TypeError, match="hf_state_dict"):
@@ -422,7 +427,8 @@ def test_missing_path_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="no weights"):
         load_official_weights(target, {"model": {}})
     with pytest.raises(ValueError, match="both become 'feat_map.weight'"):
-        load_official_weights(target, {"feat_map.weight": torch.zeros(4, 4), "module.feat_map.weight": torch.zeros(4, 4)})
+        load_official_weights(target, {"feat_map.weight": torch.zeros(4, 4),
+                                       "module.feat_map.weight": torch.zeros(4, 4)})
 
 
 # ----------------------------------------------------------------------------------------------- whole models
