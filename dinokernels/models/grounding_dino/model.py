@@ -305,7 +305,17 @@ class GroundingDINO(nn.Module):
             captions, input_ids, attention_mask, token_type_ids, images.shape[0], images.device)
         text = self.encode_text(input_ids, attention_mask, token_type_ids)
         srcs, lvl_masks, pos = self.image_features(images, masks)
-        out = self.transformer(srcs, lvl_masks, pos, text["text"], text["text_token_mask"],
+        return self.forward_features(srcs, lvl_masks, pos, text)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hook for the predictor (predictor.py): the part of forward after the image and text features, so that cached
+    # text features and per-image backbone features can be fed to one batched encoder/decoder pass.
+
+    def forward_features(self, srcs: List[Tensor], masks: List[Tensor], pos: List[Tensor],
+                         text: Dict[str, Tensor]) -> Dict[str, object]:
+        """srcs, masks, pos: `image_features`' lists; text: `encode_text`'s dict (text (B, T, C), text_token_mask,
+        text_self_attention_mask, position_ids, input_ids) → forward's output dict."""
+        out = self.transformer(srcs, masks, pos, text["text"], text["text_token_mask"],
                                text["text_self_attention_mask"], text["position_ids"])
         enhanced, token_mask = out["text"], text["text_token_mask"]
         logits, boxes = [], []
