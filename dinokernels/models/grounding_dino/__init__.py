@@ -1,5 +1,6 @@
 """Grounding DINO (SPEC §5): the model with official parameter names (GroundingDINO and its builders), its
 transformer pieces, weight conversion, and the training matcher."""
+from .convert import load_official_weights, state_dict_from_transformers, state_dict_to_transformers
 from .matcher import HungarianMatcher
 from .model import (DEFAULT_SPECIAL_TOKEN_IDS, GroundingDINO, grounding_dino_swinb_cogcoor, grounding_dino_swint_ogc,
                     grounding_dino_tiny)
@@ -8,4 +9,5 @@ from .transformer import ContrastiveEmbed, Transformer, inverse_sigmoid
 
 __all__ = ["HungarianMatcher", "GroundingDINO", "grounding_dino_swint_ogc", "grounding_dino_swinb_cogcoor",
            "grounding_dino_tiny", "DEFAULT_SPECIAL_TOKEN_IDS", "PositionEmbeddingSineHW", "ContrastiveEmbed",
-           "Transformer", "inverse_sigmoid"]
+           "Transformer", "inverse_sigmoid", "load_official_weights", "state_dict_from_transformers",
+           "state_dict_to_transformers"]
