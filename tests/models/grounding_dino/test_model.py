@@ -256,6 +256,24 @@ def test_state_dict_round_trip(tiny):
         assert torch.equal(copy(images, CAPTIONS[:1])["pred_boxes"], tiny(images, CAPTIONS[:1])["pred_boxes"])
 
 
+def test_builder_from_a_local_bert_directory(tmp_path):
+    """grounding_dino_swint_ogc(dir): BERT weights and tokenizer read from a local directory (nothing downloaded),
+    special ids resolved through the tokenizer; a small run with few queries."""
+    bert = gd_text.build_text_encoder(transformers.BertConfig(vocab_size=1100, hidden_size=8, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=16))
+    bert.save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("\n".join(gd_text.tiny_vocab(WORDS)) + "\n")
+    model = grounding_dino_swint_ogc(str(tmp_path), num_queries=20, num_encoder_layers=1, num_decoder_layers=2).eval()
+    assert model.tokenizer is not None and model.special_token_ids == [101, 102, 1012, 1029]
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 96), ["cat . dog ."])
+    assert out["pred_logits"].shape == (1, 20, 256) and torch.isfinite(out["pred_logits"][0, :, :6]).all()
+    assert torch.isneginf(out["pred_logits"][0, :, 6:]).all()  # [CLS] cat . dog . [SEP]
+    with pytest.raises(ValueError, match="text_encoder is required"):
+        grounding_dino_swint_ogc()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Bad inputs
 
