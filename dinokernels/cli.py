@@ -597,12 +597,32 @@ def _add_attention(commands) -> None:
     p.set_defaults(run=attention_main)
 
 
+def _open_image(path: str, flag: str):
+    """The image at `path` as RGB (dinokernels.data.imageio.open_rgb, fully decoded), or one error naming the
+    flag and the file: missing, a folder, empty, truncated, not an image, too many pixels."""
+    from PIL import Image
+
+    from .data.imageio import open_rgb
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r} is a folder, not an image file")
+    try:
+        image = open_rgb(path)
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{flag} {path!r} cannot be read as an image: {reason}") from e
+
+
 def attention_main(args) -> int:
     from .eval.attention import visualize_attention
     from .train.inputs import normalization
 
-    if args.image is not None and not os.path.isfile(args.image):
-        raise FileNotFoundError(f"--image {args.image!r}: no such file")
+    if args.image is not None:
+        image = _open_image(args.image, "--image")  # before the checkpoint: a bad image fails fast
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a folder; give the PNG file to write")
     model, config, _ = _load_backbone(args)
@@ -615,8 +635,7 @@ def attention_main(args) -> int:
 
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         size = args.image_size or 480
-    image = args.image
-    if image is None:
+    if args.image is None:
         if not digits:
             print("dinokernels attention: --image is needed for this checkpoint", file=sys.stderr)
             return 2
