@@ -241,6 +241,10 @@ class TransformerDecoder(nn.Module):
         self.bbox_embed: Optional[nn.ModuleList] = None
         self.d_model = d_model
         self.inverse_sigmoid_eps = inverse_sigmoid_eps
+        # False (official): the query position embedding reads the references scaled to the padded image, so a padded
+        # image's queries differ from the same image alone. True: it reads them relative to each image's valid
+        # extent, which makes a padded batch give batch-1 results (the predictor sets it; training keeps False).
+        self.query_pos_from_valid_extent = False
 
     def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
                 spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor, text: Tensor,
@@ -252,8 +256,8 @@ class TransformerDecoder(nn.Module):
         scale = torch.cat((valid_ratios, valid_ratios), -1)[:, None]  # (B, 1, L, 4)
         for layer, box_head in zip(self.layers, self.bbox_embed):
             refs_input = reference_points[:, :, None] * scale  # (B, Q, L, 4)
-            query_pos = self.ref_point_head(
-                box_position_embedding(refs_input[:, :, 0], self.d_model // 2).to(output.dtype))
+            pos_refs = reference_points if self.query_pos_from_valid_extent else refs_input[:, :, 0]
+            query_pos = self.ref_point_head(box_position_embedding(pos_refs, self.d_model // 2).to(output.dtype))
             output = layer(output, query_pos, refs_input, memory, memory_padding_mask, spatial_shapes,
                            level_start_index, text, text_padding_mask)
             # Refinement reads the un-normalised output; the reported boxes read norm(output) (model).
