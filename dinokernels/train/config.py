@@ -80,6 +80,29 @@ class PretrainConfig:
     knn_temperature: float = 0.07
     evaluate: bool = True  # after training: k-NN table (digits) and summary.json
     progress: bool = True  # progress bar on stderr (rank 0)
+    # ---- method ----
+    method: str = "dino"  # dino (DINO v1) | dinov2 (DINO + iBOT + KoLeo, SPEC §3); see DINOV2_DEFAULTS
+    # ---- DINOv2 (method dinov2; SPEC §3.2–3.8) ----
+    lr_scaling: str = "linear_wrt_256"  # lr × batch/256 (DINO v1) | sqrt_wrt_1024: lr × √(batch/1024) (DINOv2)
+    layer_decay: float = 0.9  # lr × layer_decay^(depth + 1 − layer id)
+    patch_embed_lr_mult: float = 0.2
+    dino_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    ibot_loss_weight: float = 1.0
+    mask_probability: float = 0.5  # fraction of global crops that get iBOT masks
+    mask_ratio: Tuple[float, float] = (0.1, 0.5)  # masked fraction range of those crops' patches
+    ibot_separate_head: bool = False
+    ibot_out_dim: Optional[int] = None  # None: out_dim
+    layerscale: float = 1e-5  # LayerScale init (training default)
+    num_register_tokens: int = 0
+    drop_path_uniform: bool = True
+    # The released checkpoints were trained with the blur probabilities inverted (SPEC §3.7): "released" applies
+    # blur with 1 − p on the global crops (effective 0.0 / 0.9 for the nominal 1.0 / 0.1), "nominal" with p.
+    blur_semantics: str = "released"
+    highres_epochs: int = 0  # the last N epochs at highres_global_size (local crops scaled alike); 0: none
+    highres_global_size: int = 518
+    distill_teacher: Optional[str] = None  # distillation: frozen teacher weights (file or transformers folder)
+    distill_teacher_arch: Optional[str] = None  # its architecture (hub name such as dinov2_vitb14, or an arch)
 
     def __post_init__(self):
         self.global_crops_scale = tuple(float(v) for v in self.global_crops_scale)
@@ -127,6 +150,31 @@ class PretrainConfig:
             problems.append("clip_grad, min_lr, weight_decay and weight_decay_end must be ≥ 0")
         if self.subset is not None and self.subset < 1:
             problems.append(f"subset must be ≥ 1, got {self.subset!r}")
+        self.mask_ratio = tuple(float(v) for v in self.mask_ratio)
+        if self.method not in ("dino", "dinov2"):
+            problems.append(f"method must be dino or dinov2, got {self.method!r}")
+        if self.lr_scaling not in ("linear_wrt_256", "sqrt_wrt_1024"):
+            problems.append(f"lr_scaling must be linear_wrt_256 or sqrt_wrt_1024, got {self.lr_scaling!r}")
+        if self.blur_semantics not in ("released", "nominal"):
+            problems.append(f"blur_semantics must be released or nominal, got {self.blur_semantics!r}")
+        if not 0.0 < self.layer_decay <= 1.0 or not self.patch_embed_lr_mult >= 0:
+            problems.append("layer_decay must be in (0, 1] and patch_embed_lr_mult ≥ 0")
+        if not 0.0 <= self.mask_probability <= 1.0 or len(self.mask_ratio) != 2 or \
+                not 0.0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1.0:
+            problems.append(f"mask_probability must be in [0, 1] and mask_ratio 0 ≤ lo ≤ hi ≤ 1, got "
+                            f"{self.mask_probability!r}, {self.mask_ratio!r}")
+        if self.highres_epochs < 0 or self.highres_epochs > self.epochs or self.highres_global_size < 1:
+            problems.append(f"highres_epochs must be in [0, epochs] and highres_global_size ≥ 1, got "
+                            f"{self.highres_epochs!r}, {self.highres_global_size!r}")
+        if self.num_register_tokens < 0:
+            problems.append(f"num_register_tokens must be ≥ 0, got {self.num_register_tokens!r}")
+        if self.method == "dinov2":
+            sizes = ("global_size",) + (("local_size",) if self.local_crops_number else ()) + \
+                (("highres_global_size",) if self.highres_epochs else ())
+            for name in sizes:
+                if int(getattr(self, name)) % self.patch_size:
+                    problems.append(f"method dinov2 needs crop sides that are multiples of the patch size "
+                                    f"{self.patch_size}: {name} is {getattr(self, name)}")
         if problems:
             raise ValueError("PretrainConfig: " + "; ".join(problems))
 

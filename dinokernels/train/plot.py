@@ -1,8 +1,8 @@
 """The loss curve as a PNG, drawn with Pillow's ImageDraw (no matplotlib)."""
 import math
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-__all__ = ["plot_curve"]
+__all__ = ["plot_curve", "plot_panels"]
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5):
@@ -36,6 +36,33 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], path: str, title: str =
     """Line plot of ys against xs (raw in light grey, a moving average of `smooth` points in blue; default
     ~2% of the points), with axes, ticks and labels; saved as PNG at `path` (atomically). Non-finite points are
     skipped."""
+    return _save_png(_draw_curve(xs, ys, title, xlabel, ylabel, smooth, size), path)
+
+
+def plot_panels(xs: Sequence[float], series: Dict[str, Sequence[float]], path: str, title: str = "loss",
+                xlabel: str = "iteration", size=(800, 260)) -> str:
+    """One panel per named series (e.g. the total loss and each of its terms), stacked vertically, each drawn as
+    plot_curve draws; saved as PNG at `path` (atomically)."""
+    from PIL import Image
+
+    panels = [_draw_curve(xs, ys, f"{title}: {name}" if name != title else name, xlabel, name, None, size)
+              for name, ys in series.items()]
+    sheet = Image.new("RGB", (size[0], size[1] * max(1, len(panels))), (255, 255, 255))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (0, i * size[1]))
+    return _save_png(sheet, path)
+
+
+def _save_png(img, path: str) -> str:
+    from .checkpoint import atomic_write
+
+    with atomic_write(path, "wb") as f:  # a kill mid-save leaves the previous picture, never a torn one
+        img.save(f, format="PNG")
+    return path
+
+
+def _draw_curve(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, ylabel: str,
+                smooth: Optional[int], size):
     from PIL import Image, ImageDraw
 
     pts = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(float(x)) and math.isfinite(float(y))]
@@ -88,8 +115,4 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], path: str, title: str =
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
     else:
         d.text((left + 10, top + 10), "no finite points", fill=(200, 0, 0))
-    from .checkpoint import atomic_write
-
-    with atomic_write(path, "wb") as f:  # a kill mid-save leaves the previous picture, never a torn one
-        img.save(f, format="PNG")
-    return path
+    return img

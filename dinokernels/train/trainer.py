@@ -31,12 +31,9 @@ from .checkpoint import (atomic_write, get_rng_state, load_checkpoint, save_chec
                          temporary_files, to_plain)
 from .config import PretrainConfig
 from .distributed import (ShardedSampler, get_rank, get_world_size, init_distributed, is_distributed,
-                          is_main_process, local_device, wrap_ddp)
-from .ema import ema_update, unwrap
+                          is_main_process, local_device)
 from .inputs import SeededTransform, build_pretrain_dataset, normalization
-from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .progress import JsonlLog, ProgressBar, format_seconds
-from .schedules import cosine_scheduler
 
 __all__ = ["train_dino", "build_student_teacher", "NonFiniteLossError", "OutputFolderInUseError", "CHECKPOINT_FORMAT",
            "forward_views", "run_files"]
@@ -123,10 +120,6 @@ def build_student_teacher(config: PretrainConfig) -> Tuple[nn.Module, nn.Module,
     return student, teacher, embed_dim
 
 
-def _has_batchnorms(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def forward_views(student: nn.Module, teacher: nn.Module, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """(student logits (V·B, K) over all crops, teacher logits (2B, K) over the 2 global crops). A module-level
     function so that tests can wrap it (fault injection)."""
@@ -165,6 +158,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _augmentation(config: PretrainConfig, high_resolution: bool):
+    """The multi-crop augmentation of the run. DINOv2: global/local crop sizes of the high-resolution phase
+    (local crops scaled like the global ones, rounded to the patch size), and the blur probabilities as the
+    released checkpoints were trained when blur_semantics is "released" (global crops 1 − p, SPEC §3.7)."""
+    from ..data import DataAugmentationDINO
+
+    mean, std = normalization(config)
+    global_size, local_size = config.global_size, config.local_size
+    if high_resolution:
+        scale = config.highres_global_size / config.global_size
+        global_size = config.highres_global_size
+        p = config.patch_size if config.method == "dinov2" else 1
+        local_size = max(p, int(round(config.local_size * scale / p)) * p)
+    transform = DataAugmentationDINO(config.global_crops_scale, config.local_crops_scale, config.local_crops_number,
+                                     global_size, local_size, mean, std, blur_radius=config.blur_radius)
+    transform.flip_p, transform.color_jitter_p, transform.grayscale_p = (config.flip_p, config.color_jitter_p,
+                                                                         config.grayscale_p)
+    blur = tuple(config.blur_p)
+    if config.method == "dinov2" and config.blur_semantics == "released":
+        blur = (1.0 - blur[0], 1.0 - blur[1], blur[2])
+    transform.blur_p, transform.solarize_p = blur, tuple(config.solarize_p)
+    return transform
+
+
 def _all_finite(*tensors: Tensor) -> bool:
     """True when every tensor is finite on every process (one all-reduce when distributed, so that all processes
     stop together instead of some waiting forever in a collective)."""
@@ -187,15 +204,14 @@ def _gather_rng_states() -> List[Dict[str, Any]]:
     return states
 
 
-def _state(student, teacher, optimizer, scaler, dino_loss, config, epoch, epoch_iteration, iteration,
-           niter_per_ep, rng_states, extra) -> Dict[str, Any]:
+def _state(method, scaler, config, epoch, epoch_iteration, iteration, niter_per_ep, rng_states,
+           extra) -> Dict[str, Any]:
     return {
-        "format": CHECKPOINT_FORMAT,
-        "student": unwrap(student).state_dict(),
-        "teacher": teacher.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "format": method.checkpoint_format,
+        "method": method.name,
+        **method.state_dict(),  # DINO: student, teacher, dino_loss; DINOv2: the method's whole state
+        "optimizer": method.optimizer.state_dict(),
         "fp16_scaler": scaler.state_dict() if scaler is not None else None,
-        "dino_loss": dino_loss.state_dict(),
         "epoch": int(epoch),  # the epoch to (re)start from
         "epoch_iteration": int(epoch_iteration),  # iterations of that epoch already done
         "iteration": int(iteration),  # global iterations done
@@ -215,8 +231,9 @@ def _save(path: str, *args) -> None:
 
 
 def _check_resume_config(ckpt_cfg: Dict[str, Any], config: PretrainConfig) -> None:
-    fields = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "norm_last_layer",
-              "local_crops_number", "optimizer")
+    fields = ("method", "arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head",
+              "norm_last_layer", "local_crops_number", "optimizer", "ibot_separate_head", "ibot_out_dim",
+              "num_register_tokens")
     diff = [f"{f}: checkpoint {ckpt_cfg.get(f)!r}, now {getattr(config, f)!r}" for f in fields
             if f in ckpt_cfg and ckpt_cfg[f] != (list(getattr(config, f)) if isinstance(getattr(config, f), tuple)
                                                  else getattr(config, f))]
@@ -270,17 +287,10 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
     _seed_everything(config.seed + rank)
 
     # ---- data ----
-    from ..data import DataAugmentationDINO, collate_multicrop
+    from ..data import collate_multicrop
 
     base, data_desc = build_pretrain_dataset(config)
-    mean, std = normalization(config)
-    transform = DataAugmentationDINO(config.global_crops_scale, config.local_crops_scale, config.local_crops_number,
-                                     config.global_size, config.local_size, mean, std,
-                                     blur_radius=config.blur_radius)
-    transform.flip_p, transform.color_jitter_p, transform.grayscale_p = (config.flip_p, config.color_jitter_p,
-                                                                         config.grayscale_p)
-    transform.blur_p, transform.solarize_p = tuple(config.blur_p), tuple(config.solarize_p)
-    dataset = SeededTransform(base, transform, seed=config.seed)
+    dataset = SeededTransform(base, _augmentation(config, high_resolution=False), seed=config.seed)
     sampler = ShardedSampler(len(dataset), seed=config.seed)
     batch = config.batch_size_per_gpu
     niter_per_ep = sampler.num_samples // batch
@@ -294,27 +304,13 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
                         pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_multicrop,
                         generator=loader_gen, persistent_workers=False)
 
-    # ---- model, loss, optimiser ----
-    from ..losses import DINOLoss
+    # ---- method (student, teacher, loss, optimiser, schedules) ----
+    from .methods import build_method
 
-    student, teacher, embed_dim = build_student_teacher(config)
-    if is_distributed() and _has_batchnorms(student):
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    student, teacher = student.to(device), teacher.to(device)
-    student = wrap_ddp(student, device)  # DDP broadcasts rank 0's weights to the student of every rank...
-    teacher.load_state_dict(unwrap(student).state_dict())  # ...and every teacher starts from them too
-    dino_loss = DINOLoss(config.out_dim, config.local_crops_number + 2, config.warmup_teacher_temp,
-                         config.teacher_temp, config.warmup_teacher_temp_epochs, config.epochs,
-                         student_temp=config.student_temp, center_momentum=config.center_momentum,
-                         centering=config.centering).to(device)
-    optimizer = build_optimizer(config.optimizer, get_params_groups(student))
+    method = build_method(config, device)
+    optimizer = method.optimizer
     scaler = _make_scaler(device, precision)
-
-    lr_schedule = cosine_scheduler(config.lr * (batch * world) / 256.0, config.min_lr, config.epochs, niter_per_ep,
-                                   warmup_epochs=config.warmup_epochs)
-    wd_schedule = cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter_per_ep)
-    momentum_schedule = cosine_scheduler(config.momentum_teacher, 1, config.epochs, niter_per_ep)
+    method.build_schedules(niter_per_ep, batch * world)
 
     # ---- resume ----
     start_epoch, start_it, resumed_from = 0, 0, None
@@ -323,20 +319,18 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
         if not os.path.isfile(config.resume):
             raise FileNotFoundError(f"--resume {config.resume!r}: no such checkpoint")
         ckpt = load_checkpoint(config.resume, map_location="cpu")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{config.resume} is not a dinokernels pretraining checkpoint (format "
-                             f"{ckpt.get('format')!r}); official DINO weights are loaded with "
-                             f"dinokernels.models.dino.load_official_weights")
+        if ckpt.get("format") != method.checkpoint_format:
+            raise ValueError(f"{config.resume} is not a dinokernels {method.name} pretraining checkpoint (format "
+                             f"{ckpt.get('format')!r}); official weights are loaded with "
+                             f"dinokernels.models.dino(v2).load_official_weights")
         _check_resume_config(ckpt.get("config", {}), config)
         if int(ckpt["niter_per_ep"]) != niter_per_ep:
             raise ValueError(f"cannot resume: the checkpoint has {ckpt['niter_per_ep']} iterations per epoch, this "
                              f"run {niter_per_ep} (same data, batch size and number of processes are needed)")
-        unwrap(student).load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
+        method.load_state_dict(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("fp16_scaler") is not None:
             scaler.load_state_dict(ckpt["fp16_scaler"])
-        dino_loss.load_state_dict(ckpt["dino_loss"])
         start_epoch, start_it = int(ckpt["epoch"]), int(ckpt["epoch_iteration"])
         history["first_loss"] = ckpt.get("first_loss")
         rng = ckpt.get("rng") or []
@@ -358,71 +352,70 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
         log.truncate_after(iteration)
     elif is_main_process() and os.path.exists(os.path.join(out, "log.jsonl")):
         os.remove(os.path.join(out, "log.jsonl"))
-    n_params = sum(p.numel() for p in unwrap(student).parameters())
-    _say(f"DINO pretraining: {config.arch}/{config.patch_size} ({n_params / 1e6:.2f}M parameters with the head, "
-         f"K = {config.out_dim}) on {device}{f' × {world} processes' if world > 1 else ''}, {precision}; "
+    n_params = method.parameter_count()
+    highres_from = config.epochs - config.highres_epochs if config.highres_epochs else None
+    _say(f"{'DINOv2' if method.name == 'dinov2' else 'DINO'} pretraining: {config.arch}/{config.patch_size} "
+         f"({n_params / 1e6:.2f}M parameters with the heads, K = {config.out_dim}) on {device}"
+         f"{f' × {world} processes' if world > 1 else ''}, {precision}; "
          f"{data_desc}; {config.epochs} epochs × {niter_per_ep} iterations of {batch}"
          f"{f'×{world}' if world > 1 else ''} images, 2×{config.global_size}px"
          + (f" + {config.local_crops_number}×{config.local_size}px" if config.local_crops_number else "")
-         + " crops" + (f"; resuming at epoch {start_epoch}, iteration {iteration}" if resumed_from else ""))
+         + " crops"
+         + (f" (from epoch {highres_from}: 2×{config.highres_global_size}px)" if highres_from is not None else "")
+         + (f"; resuming at epoch {start_epoch}, iteration {iteration}" if resumed_from else ""))
 
     progress = ProgressBar(total_iters, start_iter=iteration, enabled=config.progress and is_main_process())
     extra = lambda: {"first_loss": history["first_loss"]}  # noqa: E731
-    ckpt_args = lambda e, ei: (student, teacher, optimizer, scaler, dino_loss, config, e, ei, iteration,  # noqa: E731
-                               niter_per_ep, extra())
+    ckpt_args = lambda e, ei: (method, scaler, config, e, ei, iteration, niter_per_ep, extra())  # noqa: E731
     train_t0 = time.perf_counter()
     images_seen = 0
     last_loss = None
     epoch_losses: List[float] = []
-    student.train()
-    teacher.train()
+    method.train()
     try:
         for epoch in range(start_epoch, config.epochs):
+            # The high-resolution phase: larger global (and proportionally larger local) crops for the last epochs;
+            # chosen by epoch, so a resumed run switches at the same point.
+            dataset.transform = _augmentation(config, high_resolution=highres_from is not None and
+                                              epoch >= highres_from)
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             first = start_it if epoch == start_epoch else 0
             sampler.set_start(first * batch)
             loss_sum, loss_n = 0.0, 0
-            teacher_temp = float(dino_loss.teacher_temp_schedule[epoch])
             rate_t0, rate_imgs = time.perf_counter(), 0
             for it_in_epoch, (images, _) in enumerate(loader, start=first):
                 it = epoch * niter_per_ep + it_in_epoch
-                for i, group in enumerate(optimizer.param_groups):
-                    group["lr"] = float(lr_schedule[it])
-                    if i == 0:  # only the first group is regularised
-                        group["weight_decay"] = float(wd_schedule[it])
+                scheduled = method.set_iteration(it, epoch)
                 images = [im.to(device, non_blocking=True) for im in images]
+                inputs = method.prepare_batch(images, it)
                 with _autocast(device, precision):
-                    student_output, teacher_output = forward_views(student, teacher, images)
-                if device.type == "cpu":  # the CPU loss kernels take float32/float64
-                    student_output, teacher_output = student_output.float(), teacher_output.float()
-                if not _all_finite(student_output, teacher_output):
-                    raise NonFiniteLossError(_nonfinite_message("the network outputs are", epoch, it, ckpt_path,
-                                                                precision))
-                entropies = _batch_entropies(teacher_output, dino_loss.center, teacher_temp)
-                loss = dino_loss(student_output, teacher_output, epoch)
+                    outputs = method.forward(inputs, epoch)
+                if method.name == "dino":
+                    if device.type == "cpu":  # the CPU loss kernels take float32/float64
+                        outputs = tuple(o.float() for o in outputs)
+                    if not _all_finite(*outputs):
+                        raise NonFiniteLossError(_nonfinite_message("the network outputs are", epoch, it, ckpt_path,
+                                                                    precision))
+                loss, parts = method.loss(outputs, epoch, it)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                finite = _all_finite(loss)  # collective: every rank stops together
+                if not finite or not math.isfinite(loss_value):
                     raise NonFiniteLossError(_nonfinite_message(f"the loss is {loss_value}", epoch, it, ckpt_path,
                                                                 precision))
 
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()
-                    if config.clip_grad:
-                        clip_gradients(student, config.clip_grad)
-                    cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+                    method.after_backward(epoch, it)
                     optimizer.step()
                 else:
                     scaler.scale(loss).backward()
-                    if config.clip_grad:
-                        scaler.unscale_(optimizer)  # clip the true gradients
-                        clip_gradients(student, config.clip_grad)
-                    cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+                    scaler.unscale_(optimizer)  # clip the true gradients
+                    method.after_backward(epoch, it)
                     scaler.step(optimizer)
                     scaler.update()
-                m = float(momentum_schedule[it])
-                ema_update(teacher, student, m)
+                m = method.update_teacher(it)
 
                 iteration = it + 1
                 if history["first_loss"] is None:
@@ -434,14 +427,12 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
                 rate_imgs += batch * world
                 now = time.perf_counter()
                 rate = rate_imgs / max(now - rate_t0, 1e-9)
-                lr_now = optimizer.param_groups[0]["lr"]
-                wd_now = optimizer.param_groups[0]["weight_decay"]
-                log.write({"kind": "iter", "iteration": iteration, "epoch": epoch, "loss": loss_value, "lr": lr_now,
-                           "wd": wd_now, "momentum": m, "teacher_temp": teacher_temp,
-                           "teacher_entropy": entropies[0], "teacher_mean_entropy": entropies[1],
-                           "images_per_s": rate, "time": now - train_t0})
+                log.write({"kind": "iter", "iteration": iteration, "epoch": epoch, "loss": loss_value,
+                           "lr": scheduled["lr"], "wd": scheduled["wd"], "momentum": m,
+                           "teacher_temp": scheduled["teacher_temp"], **parts, "images_per_s": rate,
+                           "time": now - train_t0})
                 progress.update(iteration, epoch, config.epochs,
-                                {"loss": loss_value, "lr": lr_now, "m": m, "img/s": rate},
+                                {"loss": loss_value, "lr": scheduled["lr"], "m": m, "img/s": rate},
                                 force=it_in_epoch == niter_per_ep - 1)
                 if (config.checkpoint_every and iteration % config.checkpoint_every == 0
                         and it_in_epoch + 1 < niter_per_ep):
@@ -470,7 +461,7 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
         "config": to_plain(config.to_dict()),
     }
     if is_main_process():
-        result["loss_png"] = _loss_png(out)
+        result["loss_png"] = _loss_png(out, method.name)
         _say(f"trained {iteration - (start_epoch * niter_per_ep + start_it)} iterations in "
              f"{format_seconds(train_seconds)}; loss {history['first_loss']:.4f} → {last_loss:.4f}"
              if last_loss is not None else "nothing to train: the checkpoint is at the last epoch")
@@ -479,7 +470,7 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
     if do_eval and is_main_process():
         from ..eval.report import evaluate_pretraining
 
-        result.update(evaluate_pretraining(config, unwrap(teacher), dino_loss.center, device))
+        result.update(evaluate_pretraining(config, method.eval_backbone(), method.center, device))
     result["wall_seconds"] = time.perf_counter() - wall0
     if is_main_process():
         with atomic_write(os.path.join(out, "summary.json"), "w") as f:
@@ -532,8 +523,8 @@ def _nonfinite_message(what: str, epoch: int, it: int, ckpt_path: str, precision
                "No checkpoint had been written yet. ") + "Try: " + "; ".join(advice) + ".")
 
 
-def _loss_png(out: str) -> Optional[str]:
-    from .plot import plot_curve
+def _loss_png(out: str, method: str = "dino") -> Optional[str]:
+    from .plot import plot_curve, plot_panels
 
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
@@ -542,7 +533,12 @@ def _loss_png(out: str) -> Optional[str]:
     if not records:
         return None
     png = os.path.join(out, "loss.png")
-    plot_curve([r["iteration"] for r in records], [r["loss"] for r in records], png,
-               title=f"DINO loss ({len(records)} iterations)")
+    xs = [r["iteration"] for r in records]
+    if method == "dinov2":  # the total and each of its terms
+        names = ["loss", "dino_local", "dino_global", "ibot", "koleo"]
+        plot_panels(xs, {n: [r.get(n, float("nan")) for r in records] for n in names}, png,
+                    title=f"DINOv2 ({len(records)} iterations)")
+    else:
+        plot_curve(xs, [r["loss"] for r in records], png, title=f"DINO loss ({len(records)} iterations)")
     return os.path.abspath(png)
 

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
+from dinokernels.train import methods as methods_mod
 from dinokernels.train import trainer as trainer_mod
 from dinokernels.train.checkpoint import load_checkpoint
 from dinokernels.train.config import make_config
+from dinokernels.train.ema import unwrap
 from dinokernels.train.schedules import cosine_scheduler
 from dinokernels.train.trainer import NonFiniteLossError, train_dino
 
@@ -122,14 +124,14 @@ def test_schedules_freeze_and_outputs(tmp_path, monkeypatch):
     """lr (linear scaling), wd and momentum follow the official schedules per iteration; the last layer does not
     move during epoch 0 and moves afterwards; log.jsonl, loss.png and summary.json are written."""
     seen = []
-    real_ema = trainer_mod.ema_update
+    real_ema = methods_mod.ema_update
 
     def spy(teacher, student, m):
-        head = trainer_mod.unwrap(student).head.last_layer
+        head = unwrap(student).head.last_layer
         seen.append((m, head.weight_v.detach().clone()))
         real_ema(teacher, student, m)
 
-    monkeypatch.setattr(trainer_mod, "ema_update", spy)
+    monkeypatch.setattr(methods_mod, "ema_update", spy)
     cfg = tiny(tmp_path, norm_last_layer=False, drop_path_rate=0.0)
     res = train_dino(cfg)
     with open(tmp_path / "log.jsonl") as f:
