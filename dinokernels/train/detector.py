@@ -48,8 +48,9 @@ MODEL_SIZES = ("small", "swint")
 
 # The built-in demo: synthetic shapes and the small model from scratch (about 10 minutes on two CPU cores).
 DEMO_SHAPES = {"colors": ["red", "green", "blue"], "shapes": ["circle", "square", "triangle"]}
+# One thread: on a shared, oversubscribed 2-core machine two threads were 10-30× slower (spinning OpenMP workers).
 DEMO: Dict[str, Any] = dict(model="small", epochs=12, batch_size=8, lr=4e-4, lr_drop=10, image_size=96,
-                            num_train=512, num_val=64, max_names=9, num_queries=30)
+                            num_train=512, num_val=64, max_names=9, num_queries=30, threads=1)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class DetectorConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    threads: Optional[int] = None          # torch CPU threads (None: torch's default)
     checkpoint_every: int = 0
     max_iters: Optional[int] = None        # stop after this many iterations (smoke runs)
     evaluate: bool = True
@@ -129,7 +131,7 @@ class DetectorConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{name} must be a nonnegative int, got {v!r}")
-        for name in ("num_queries", "max_iters"):
+        for name in ("num_queries", "max_iters", "threads"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                  f"{name} must be a positive int, got {v!r}")
@@ -399,7 +401,7 @@ class CocoDetection(_CaptionedDetection):
         path = os.path.join(self.folder, im["file_name"])
         try:
             with Image.open(path) as f:
-                img = np.asarray(f.convert("RGB"))
+                img = np.array(f.convert("RGB"))  # writable copy
         except OSError as e:
             raise OSError(f"image {path!r} cannot be read: {e}") from e
         anns = self.annotations[int(im["id"])]
@@ -462,8 +464,8 @@ def build_datasets(config: DetectorConfig):
 # ---- model ----------------------------------------------------------------------------------------------------
 
 _SMALL = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), window_size=7, bert_hidden=64,
-              bert_layers=1, bert_heads=2, d_model=64, nheads=4, enc_layers=2, dec_layers=2, ffn=128, points=2,
-              max_text_len=64, num_queries=30)
+              bert_layers=1, bert_heads=2, bert_dropout=0.0, d_model=64, nheads=4, enc_layers=2, dec_layers=2,
+              ffn=128, points=2, max_text_len=64, num_queries=30)
 
 
 def _text_len_for(names: Sequence[str], tokenizer, max_names: int, limit: int) -> int:
@@ -488,7 +490,9 @@ def build_detector(spec: Dict[str, Any], text_encoder: Optional[str] = None):
         bert = T.build_text_encoder(BertConfig(vocab_size=len(s["vocab"]), hidden_size=s["bert_hidden"],
                                                num_hidden_layers=s["bert_layers"],
                                                num_attention_heads=s["bert_heads"],
-                                               intermediate_size=2 * s["bert_hidden"], max_position_embeddings=64))
+                                               intermediate_size=2 * s["bert_hidden"], max_position_embeddings=64,
+                                               hidden_dropout_prob=s["bert_dropout"],
+                                               attention_probs_dropout_prob=s["bert_dropout"]))
         model = GroundingDINO(backbone, bert, tokenizer, num_queries=s["num_queries"], d_model=s["d_model"],
                               nheads=s["nheads"], num_encoder_layers=s["enc_layers"],
                               num_decoder_layers=s["dec_layers"], dim_feedforward=s["ffn"],
@@ -763,6 +767,8 @@ def train_detector(config: DetectorConfig, overwrite: bool = False) -> Dict[str,
     t_start = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     replace = check_output_folder(config, overwrite)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     init_distributed(config.resolved_device())
     device = local_device(config.resolved_device())
     main = is_main_process()
@@ -835,8 +841,11 @@ def train_detector(config: DetectorConfig, overwrite: bool = False) -> Dict[str,
         sampler.set_start(step_in_epoch * config.batch_size)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor(config, epoch)
+        # Own generator: a loader draws its base seed from it, and from the global RNG otherwise, which would
+        # make a resumed run's dropout differ from an uninterrupted one.
         loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
-                                             collate_fn=collate, num_workers=config.num_workers)
+                                             collate_fn=collate, num_workers=config.num_workers,
+                                             generator=torch.Generator().manual_seed(config.seed + epoch))
         for images, masks, targets in loader:
             t0 = time.perf_counter()
             tok = T.tokenize_captions(tokenizer, [t["caption"] for t in targets], max_text_len=None)
@@ -872,7 +881,7 @@ def train_detector(config: DetectorConfig, overwrite: bool = False) -> Dict[str,
             if config.max_iters is not None and iteration >= config.max_iters:
                 stopped = True
                 break
-        if not stopped:
+        if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         if main:
             save_checkpoint(_checkpoint(model, optimizer, config, spec, names, ids, epoch, step_in_epoch,
