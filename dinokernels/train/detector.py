@@ -277,9 +277,9 @@ class _CaptionedDetection(torch.utils.data.Dataset):
         s = float(self.image_size)
         labels = [int(a["label"]) for a in anns]
         caption, spans = self.caption(index, labels)
-        boxes = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) * scale / s, (a["bbox"][1] + a["bbox"][3] / 2) * scale / s,
-                               a["bbox"][2] * scale / s, a["bbox"][3] * scale / s] for a in anns],
-                             dtype=torch.float32).reshape(-1, 4)
+        f = scale / s  # original pixels → canvas fraction
+        boxes = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) * f, (a["bbox"][1] + a["bbox"][3] / 2) * f,
+                               a["bbox"][2] * f, a["bbox"][3] * f] for a in anns], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "caption": caption,
                   "positive_spans": [spans[self.category_names[k]] for k in labels],
                   "image_id": self.image_ids()[index], "scale": scale,
@@ -918,7 +918,8 @@ def train_detector(config: DetectorConfig, overwrite: bool = False) -> Dict[str,
 def format_summary(summary: Dict[str, Any]) -> str:
     """The summary as a few lines for the terminal."""
     lines = [f"trained {summary.get('iterations')} iterations ({summary.get('epochs')} epochs) in "
-             f"{format_seconds(summary.get('train_seconds', 0))}; wall time {format_seconds(summary.get('wall_seconds', 0))}"]
+             f"{format_seconds(summary.get('train_seconds', 0))}; wall time "
+             f"{format_seconds(summary.get('wall_seconds', 0))}"]
     coco = summary.get("coco")
     if coco:
         lines.append(f"val COCO box AP {coco['AP']:.3f}, AP50 {coco['AP50']:.3f} (caption: all "
