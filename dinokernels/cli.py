@@ -661,6 +661,8 @@ def add_commands(commands) -> None:
     _add_pretrain(commands)
     _add_knn(commands)
     _add_attention(commands)
+    from .cli_detection import add_detection_commands  # train-detector, detect (imported here: it imports cli)
+    add_detection_commands(commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
