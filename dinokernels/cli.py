@@ -369,6 +369,11 @@ def _add_pretrain(commands) -> None:
                     "Multi-process: torchrun --nproc_per_node=N -m dinokernels pretrain ...")
     p.add_argument("--data", metavar="DIR", help="folder of images (recursive; jpg/png/webp); default: the built-in "
                                                  "digits")
+    from .train.config import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), help=f"named built-in job: data set and recipe (default without "
+                                                           f"--data: {DEFAULT_PRESET}; 'digits' is the plain digits "
+                                                           f"job); with --data only its recipe applies")
     p.add_argument("--out", metavar="DIR", help="output folder: checkpoint.pth, log.jsonl, loss.png, summary.json "
                                                 "(default: out; with --resume CHECKPOINT: the checkpoint's folder)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -411,6 +416,8 @@ def _pretrain_config(args) -> Any:
             return make_config(**given)
         except ValueError as e:
             raise UsageError(str(e)) from e
+    if "preset" in given:
+        raise UsageError("--preset cannot be combined with --resume (the checkpoint's settings apply)")
     path = args.resume or os.path.join(given.get("out", "out"), "checkpoint.pth")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -639,9 +646,9 @@ def attention_main(args) -> int:
         if not digits:
             print("dinokernels attention: --image is needed for this checkpoint", file=sys.stderr)
             return 2
-        from .data import DigitsDataset
+        from .data import builtin_dataset
 
-        image = DigitsDataset(size=config.digits_size, split="test")[0][0]
+        image = builtin_dataset(getattr(config, "builtin_data", "digits"), "test", config.digits_size)[0][0]
     width, depth, heads = _model_dims(model)
     patch = _patch_of(model)
     if size < patch:

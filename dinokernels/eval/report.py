@@ -12,7 +12,7 @@ from .knn import extract_features, knn_classifier
 from .linear import linear_probe
 
 __all__ = ["evaluate_features", "evaluate_pretraining", "teacher_entropy", "format_table", "collapse_verdict",
-           "summary_keys", "random_init_backbone"]
+           "summary_keys", "random_init_backbone", "dataset_name", "run_description"]
 
 _MAX_CACHED_VALUES = 200_000_000  # images kept in memory for the raw-pixel baseline (≈ 800 MB of float32) at most
 
@@ -154,6 +154,19 @@ def summary_keys(results: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
     return out
 
 
+def dataset_name(config) -> str:
+    """What the run trained on: the built-in data set's name ("digits", "cluttered-digits") or the image folder."""
+    if config.data is None:
+        return getattr(config, "builtin_data", "digits")
+    return str(config.data)
+
+
+def run_description(config) -> str:
+    """'preset P, trained on D' for the table's title (summary.json has both as "preset" and "dataset")."""
+    preset = getattr(config, "preset", None)
+    return f"preset {preset or 'none'}, trained on {dataset_name(config)}"
+
+
 def random_init_backbone(config, seed_offset: int = 1):
     """The same architecture as `config` at random initialisation (seeded; the global RNG is left as it was)."""
     from ..models.dino import build_backbone
@@ -190,12 +203,14 @@ def evaluate_pretraining(config, teacher: nn.Module, center: Optional[Tensor], d
     entropy = None
     if hasattr(teacher, "head"):
         entropy = teacher_entropy(teacher, _loader(train_set, device=device), center, config.teacher_temp, device)
+    run = run_description(config)
     table = format_table(results, entropy, k=config.knn_k,
-                         title=f"k-NN accuracy, test split vs train-split features ({desc})")
+                         title=f"k-NN accuracy, test split vs train-split features ({desc}; {run})")
     if print_table:
         print(table, flush=True)
     out: Dict[str, Any] = {**summary_keys(results), "eval_results": results, "eval_data": desc, "table": table,
-                           "eval_seconds": time.perf_counter() - t0}
+                           "eval_seconds": time.perf_counter() - t0, "preset": getattr(config, "preset", None),
+                           "dataset": dataset_name(config)}
     if entropy is not None:
         out.update(entropy)
         out["collapse"] = collapse_verdict(entropy)

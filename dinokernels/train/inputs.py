@@ -85,22 +85,25 @@ class _Subset(Dataset):
 
 
 def normalization(config) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """(mean, std): the digits statistics for the built-in data, ImageNet's for an image folder."""
-    from ..data import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
+    """(mean, std): the built-in data set's statistics without --data, ImageNet's for an image folder."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, builtin_stats
 
     if config.data is None:
-        return tuple(DIGITS_MEAN), tuple(DIGITS_STD)
+        mean, std = builtin_stats(getattr(config, "builtin_data", "digits"))
+        return tuple(mean), tuple(std)
     return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 def build_pretrain_dataset(config, log=None) -> Tuple[Dataset, str]:
     """The unlabeled training images as (PIL image, label) pairs, and a description. Built-in: the digits train
     split; else the image folder `config.data` (recursive; unreadable files skipped and counted)."""
-    from ..data import DigitsDataset, ImageFolder
+    from ..data import ImageFolder, builtin_dataset
 
     if config.data is None:
-        dataset = DigitsDataset(transform=None, size=config.digits_size, split="train")
-        desc = f"built-in digits (scikit-learn), train split, {len(dataset)} images at {config.digits_size}px"
+        name = getattr(config, "builtin_data", "digits")
+        dataset = builtin_dataset(name, "train", config.digits_size)
+        desc = f"built-in {name} (from scikit-learn's digits), train split, {len(dataset)} images at " \
+               f"{config.digits_size}px"
     else:
         if not os.path.isdir(config.data):
             raise FileNotFoundError(f"--data {config.data!r} is not a folder")
@@ -128,19 +131,20 @@ def build_eval_datasets(config, eval_data: Optional[str] = None):
     """(train, test, description) labelled datasets for k-NN / linear probe, with the evaluation transform (resize,
     centre crop, normalise), or None when there is nothing labelled to evaluate on.
 
-    Built-in digits: the train and test splits at the training resolution. An image folder `eval_data` (or
+    Built-in data (digits or cluttered digits): the train and test splits at the training resolution. An image folder `eval_data` (or
     config.eval_data): its train/ and val/ (or test/) sub-folders, resized to 256 and centre-cropped to 224 as DINO's
     eval_knn.py (config.eval_resize / eval_crop override)."""
-    from ..data import DigitsDataset, EvalTransform, ImageFolder
+    from ..data import EvalTransform, ImageFolder, builtin_dataset
 
     mean, std = normalization(config)
     eval_data = eval_data if eval_data is not None else getattr(config, "eval_data", None)
     if eval_data is None and config.data is None:
+        name = getattr(config, "builtin_data", "digits")
         size = config.eval_crop or config.global_size
         tf = EvalTransform(config.eval_resize or size, size, mean, std)
-        train = DigitsDataset(transform=tf, size=config.digits_size, split="train")
-        test = DigitsDataset(transform=tf, size=config.digits_size, split="test")
-        return train, test, f"digits: {len(train)} train / {len(test)} test images at {size}px"
+        train = builtin_dataset(name, "train", config.digits_size, transform=tf)
+        test = builtin_dataset(name, "test", config.digits_size, transform=tf)
+        return train, test, f"{name}: {len(train)} train / {len(test)} test images at {size}px"
     if eval_data is None:
         return None
     from ..data import IMAGENET_MEAN, IMAGENET_STD
