@@ -52,39 +52,51 @@ def _rgb(img) -> Image.Image:
     return to_rgb(img)
 
 
+_CROP_ATTEMPTS = 10  # candidate boxes drawn before falling back to a centred crop (SPEC §2.3)
+
+
+def _candidate_crop_size(image_area: int, scale: Sequence[float], log_ratio: Sequence[float]) -> Tuple[int, int]:
+    """One random (crop_height, crop_width): the area is image_area · U(scale) and log(w/h) is U(log_ratio), one
+    float32 torch draw each, area first; w and h round √(area·r) and √(area/r) to the nearest integer."""
+    crop_area = image_area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+    return int(round(math.sqrt(crop_area / aspect))), int(round(math.sqrt(crop_area * aspect)))
+
+
+def _centred_fallback_box(width: int, height: int, ratio: Sequence[float]) -> Tuple[int, int, int, int]:
+    """The largest centred box whose aspect ratio w/h is the image's clamped into ``ratio``."""
+    narrowest, widest = min(ratio), max(ratio)
+    image_aspect = width / height
+    crop_w, crop_h = width, height
+    if image_aspect < narrowest:  # too tall: keep the width
+        crop_h = int(round(width / narrowest))
+    elif image_aspect > widest:  # too wide: keep the height
+        crop_w = int(round(height * widest))
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
 def sample_crop_box(width: int, height: int, scale: Sequence[float] = (0.08, 1.0),
                     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0)) -> Tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params``: returns ``(top, left, crop_height, crop_width)``.
+    """The random box of torchvision's ``RandomResizedCrop`` (SPEC §2.3): ``(top, left, crop_height, crop_width)``.
 
-    Up to 10 attempts draw an area fraction ~ U(scale) and a log-uniform aspect ratio (w/h) in ``ratio``, and
-    accept the first box that fits, placed uniformly; otherwise it falls back to the largest centred crop whose
-    aspect ratio is clamped to ``ratio``. Draws come from torch's global RNG in torchvision's order.
+    Up to 10 candidates draw an area fraction ~ U(scale) and a log-uniform aspect ratio w/h in ``ratio``; the
+    first that fits inside the image is placed uniformly (top drawn before left). If none fits, the largest
+    centred crop with the aspect ratio clamped to ``ratio``. Draws come from torch's global RNG, in torchvision's
+    order, so a seed gives torchvision's boxes.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if scale[0] > scale[1] or ratio[0] > ratio[1]:
         raise ValueError(f"scale and ratio must be (min, max), got scale={tuple(scale)} ratio={tuple(ratio)}")
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(torch.randint(0, height - h + 1, size=(1,)).item())
-            j = int(torch.randint(0, width - w + 1, size=(1,)).item())
-            return i, j, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    # The log bounds are float32, as the uniform draw between them.
+    log_ratio = torch.tensor(ratio).log().tolist()
+    for _ in range(_CROP_ATTEMPTS):
+        crop_h, crop_w = _candidate_crop_size(width * height, scale, log_ratio)
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - crop_w + 1, size=(1,)).item())
+            return top, left, crop_h, crop_w
+    return _centred_fallback_box(width, height, ratio)
 
 
 def resized_crop(img: Image.Image, top: int, left: int, height: int, width: int, size: int) -> Image.Image:
@@ -310,9 +322,11 @@ class EvalTransform:
 
     def _resize_shorter(self, img: Image.Image) -> Image.Image:
         w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize, int(self.resize * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        # The shorter side (the width on a tie) becomes `resize`; the other keeps the aspect ratio, truncated.
+        if w <= h:
+            new_w, new_h = self.resize, int(self.resize * h / w)
+        else:
+            new_w, new_h = int(self.resize * w / h), self.resize
         if (new_w, new_h) == (w, h):
             return img
         return img.resize((new_w, new_h), _BICUBIC)
