@@ -1,4 +1,4 @@
-"""DINO's projection head, exactly as facebookresearch/dino vision_transformer.py DINOHead (SPEC §2.2).
+"""DINO's projection head (SPEC §2.2): the official DINOHead's architecture, parameter names and initialisation.
 
 MLP (Linear/[BN]/GELU, keys mlp.0, mlp.2, mlp.4 without BN) → L2 normalisation → weight-normalised
 Linear(bottleneck, out_dim, bias=False) whose parameters are `last_layer.weight_g` (out_dim, 1) and
@@ -12,6 +12,7 @@ forward has run), needs no deprecation warning silenced, and also loads state di
 parametrization names (`last_layer.parametrizations.weight.original0/1`).
 """
 import math
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -71,35 +72,29 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
                  nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
         super().__init__()
-        nlayers = max(nlayers, 1)
-        if nlayers == 1:
+        n_linear = max(nlayers, 1)  # nlayers < 1 behaves as 1, as in the official head
+        widths = [in_dim] + [hidden_dim] * (n_linear - 1) + [bottleneck_dim]
+        if n_linear == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers = [nn.Linear(in_dim, hidden_dim)]
-            if use_bn:
-                layers.append(nn.BatchNorm1d(hidden_dim))
-            layers.append(nn.GELU())
-            for _ in range(nlayers - 2):
-                layers.append(nn.Linear(hidden_dim, hidden_dim))
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(hidden_dim))
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+            # Every Linear but the last is followed by [BatchNorm1d] GELU; the Sequential indices are the state-dict
+            # keys (mlp.0, mlp.2, mlp.4 without BN).
+            modules: List[nn.Module] = []
+            for k in range(n_linear):
+                modules.append(nn.Linear(widths[k], widths[k + 1]))
+                if k < n_linear - 1:
+                    modules.extend([nn.BatchNorm1d(widths[k + 1]), nn.GELU()] if use_bn else [nn.GELU()])
+            self.mlp = nn.Sequential(*modules)
+        # Re-initialise after all the Linears are built (the random draws then come in the official order).
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
-        self.last_layer.weight_g.data.fill_(1)
-        if norm_last_layer:
-            self.last_layer.weight_g.requires_grad = False
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
+        with torch.no_grad():
+            self.last_layer.weight_g.fill_(1.0)
+        # norm_last_layer: g stays 1, so the last layer's rows are unit vectors and the logits cosines.
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(F.normalize(self.mlp(x), p=2, dim=-1))
