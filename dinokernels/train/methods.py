@@ -227,11 +227,23 @@ class DINOv2TrainingMethod:
         return sum(p.numel() for p in self.method.student.parameters())
 
     def eval_backbone(self) -> nn.Module:
-        return self.method.final_backbone()
+        """The final model as the report reads it: `.backbone` (the teacher's, or the student EMA's when
+        distilling) and `.head` (its DINO head), forward = head(backbone(x))."""
+        part = self.method.student_ema if self.method.distillation else self.method.teacher
+        return _BackboneWithHead(part["backbone"], part["dino_head"])
 
     @property
     def center(self) -> Tensor:
         return self.method.dino_loss.center
+
+
+class _BackboneWithHead(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
 
 
 def build_dinov2_backbone(config: PretrainConfig, drop_path_rate: float) -> Tuple[nn.Module, int]:
