@@ -173,8 +173,13 @@ def random_init_backbone(config, seed_offset: int = 1):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.seed) + seed_offset)
-        model, _ = build_backbone(config.arch, patch_size=config.patch_size, drop_path_rate=0.0,
-                                  img_size=config.global_size)
+        if getattr(config, "method", "dino") == "dinov2":
+            from ..train.methods import build_dinov2_backbone
+
+            model, _ = build_dinov2_backbone(config, 0.0)
+        else:
+            model, _ = build_backbone(config.arch, patch_size=config.patch_size, drop_path_rate=0.0,
+                                      img_size=config.global_size)
     return model
 
 
