@@ -68,6 +68,8 @@ def _add_train_detector(commands) -> None:
     p.add_argument("--clip-max-norm", type=finite_float(0.0), help="gradient norm clip, 0 disables (0.1)")
     p.add_argument("--lr-drop", type=nonnegative_int(_EPOCHS_MAX),
                    help="epoch after which learning rates are multiplied by 0.1 (0: never; default 11 of 15)")
+    p.add_argument("--warmup-iters", type=nonnegative_int(),
+                   help="linear learning-rate warm-up iterations (0; Open-GD has none)")
     p.add_argument("--image-size", type=positive_int(4096),
                    help="longer image side in pixels (COCO images are resized and padded to a square; default 800; "
                         "synthetic: the image side)")
@@ -82,6 +84,9 @@ def _add_train_detector(commands) -> None:
     p.add_argument("--seed", type=nonnegative_int(2**63 - 1), help="random seed (0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--num-workers", type=nonnegative_int(1024), help="data-loading processes (0)")
+    p.add_argument("--threads", type=positive_int(4096),
+                   help="torch CPU threads (default: torch's; demo: 1, far faster on a shared, busy machine)")
+    p.add_argument("--num-queries", type=positive_int(100_000), help="object queries (small 30, swint 900)")
     p.add_argument("--checkpoint-every", type=nonnegative_int(),
                    help="also write checkpoint.pth every this many iterations (0: at epoch ends only)")
     p.add_argument("--max-iters", type=positive_int(), help="stop after this many iterations in all (smoke runs)")
@@ -96,9 +101,9 @@ def _train_detector_config(args):
     from .train.detector import DetectorConfig, make_detector_config
 
     names = ("data", "out", "model", "text_encoder", "weights", "epochs", "batch_size", "lr", "lr_backbone",
-             "lr_text", "weight_decay", "clip_max_norm", "lr_drop", "image_size", "max_names", "num_train",
-             "num_val", "colors", "shapes", "seed", "device", "num_workers", "checkpoint_every", "max_iters",
-             "evaluate", "progress")
+             "lr_text", "weight_decay", "clip_max_norm", "lr_drop", "warmup_iters", "image_size", "max_names",
+             "num_train", "num_val", "colors", "shapes", "seed", "device", "num_workers", "threads", "num_queries",
+             "checkpoint_every", "max_iters", "evaluate", "progress")
     given: Dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.resume is None:
         try:

@@ -34,43 +34,45 @@ class VisionTransformer(nn.Module):
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, *, qk_scale=None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, norm_layer=None):
         super().__init__()
-        if not isinstance(img_size, int):
-            img_size = int(img_size[0])
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        img_size = img_size if isinstance(img_size, int) else int(img_size[0])
+        make_norm = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.num_features = self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
-        num_patches = self.patch_embed.num_patches
+        # Token 0 is the CLS token; the position embedding covers it and the img_size grid of patches.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay
-        self.blocks = nn.ModuleList([
+        # Stochastic depth rises linearly over the blocks, from 0 to drop_path_rate (float32 steps, SPEC §2.2).
+        block_drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
-            for i in range(depth)])
-        self.norm = norm_layer(embed_dim)
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rate, norm_layer=make_norm)
+            for rate in block_drop_rates)
+        self.norm = make_norm(embed_dim)
         self.head = nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self._init_parameters()
 
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+    def _init_parameters(self) -> None:
+        """Truncated normal (std 0.02) for the position embedding, then the CLS token, then every Linear weight in
+        module order with zero biases; LayerNorms get weight 1, bias 0. That order fixes the random draws."""
+        for token_param in (self.pos_embed, self.cls_token):
+            nn.init.trunc_normal_(token_param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
         """Position embedding (1, 1 + N', C) for tokens x (B, 1 + N', C) of an h × w image (rows, then columns):
         the stored one when the patch count matches and the image is square, else the patch grid resampled
         bicubically with DINO's +0.1 scale-factor offset (SPEC §2.2)."""
-        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and w == h:
+        if x.shape[1] == self.pos_embed.shape[1] and h == w:
             return self.pos_embed
         p = self.patch_embed.patch_size
         patches = resize_patch_pos_embed(self.pos_embed[:, 1:], h // p, w // p, offset=0.1)
@@ -90,28 +92,29 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        return x[:, 0]
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)[:, 0]
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block, (B, num_heads, 1 + N', 1 + N'); row i is token i's query."""
-        x = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)
+        tokens = self.prepare_tokens(x)
+        *leading, last = self.blocks
+        for block in leading:
+            tokens = block(tokens)
+        return last(tokens, return_attention=True)
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> List[Tensor]:
         """Normed outputs (B, 1 + N', C) of the last n blocks, earliest first."""
-        x = self.prepare_tokens(x)
-        output = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if len(self.blocks) - i <= n:
-                output.append(self.norm(x))
-        return output
+        tokens = self.prepare_tokens(x)
+        first_kept = len(self.blocks) - n
+        normed = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if index >= first_kept:
+                normed.append(self.norm(tokens))
+        return normed
 
 
 def vit_nano(patch_size: int = 4, **kwargs) -> VisionTransformer:
