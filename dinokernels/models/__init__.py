@@ -1,4 +1,5 @@
-"""Architectures built on dinokernels.layers: DINO v1 (models.dino), Grounding DINO pieces (models.grounding_dino)."""
-from . import dino, grounding_dino
+"""Architectures built on dinokernels.layers: DINO v1 (models.dino), DINOv2 (models.dinov2) and Grounding DINO
+(models.grounding_dino)."""
+from . import dino, dinov2, grounding_dino
 
-__all__ = ["dino", "grounding_dino"]
+__all__ = ["dino", "dinov2", "grounding_dino"]
