@@ -69,6 +69,7 @@ class DetectorConfig:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: int = 11                      # epochs before the ×0.1 drop (0: never)
+    warmup_iters: int = 0                  # linear learning-rate warm-up (Open-GD: none)
     image_size: int = 800                  # longer side (COCO: resized, padded to a square); synthetic: side
     max_names: int = 50
     num_queries: Optional[int] = None      # None: the size's default (small 30, swint 900)
@@ -127,7 +128,7 @@ class DetectorConfig:
         for name in ("epochs", "batch_size", "image_size", "max_names", "num_train", "num_val"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive int, got {v!r}")
-        for name in ("lr_drop", "seed", "num_workers", "checkpoint_every"):
+        for name in ("lr_drop", "warmup_iters", "seed", "num_workers", "checkpoint_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{name} must be a nonnegative int, got {v!r}")
@@ -684,7 +685,7 @@ def named_unnamed_check(model: nn.Module, tokenizer, dataset: _CaptionedDetectio
     kept_images = set(dataset.image_ids()[:n])
     named_of: Dict[int, set] = {}
     dets: List[Dict[str, Any]] = []
-    counts = {"named_boxes": 0, "named_found": 0, "unnamed_boxes": 0, "unnamed_detected": 0}
+    counts = {"named_boxes": 0, "named_found": 0, "unnamed_boxes": 0, "unnamed_found": 0}
     for index in range(n):
         image, mask, target = dataset[index]
         k = max(1, len(names) // 2)
@@ -706,7 +707,7 @@ def named_unnamed_check(model: nn.Module, tokenizer, dataset: _CaptionedDetectio
             for label, hit in zip(target["labels"].tolist(), covered.tolist()):
                 key = "named" if label in chosen else "unnamed"
                 counts[f"{key}_boxes"] += 1
-                counts["named_found" if key == "named" else "unnamed_detected"] += int(hit)
+                counts[f"{key}_found"] += int(hit)
     model.train(was_training)
     subset = dict(gt)
     subset["images"] = [im for im in gt["images"] if int(im["id"]) in kept_images]
@@ -715,7 +716,7 @@ def named_unnamed_check(model: nn.Module, tokenizer, dataset: _CaptionedDetectio
     result: Dict[str, Any] = {"images": n, "box_threshold": box_threshold, **counts}
     result["AP50_named"] = coco_evaluate(subset, dets)["AP50"] if subset["annotations"] else float("nan")
     result["named_recall"] = counts["named_found"] / max(1, counts["named_boxes"])
-    result["unnamed_detected"] = counts["unnamed_detected"] / max(1, counts["unnamed_boxes"])
+    result["unnamed_detected"] = counts["unnamed_found"] / max(1, counts["unnamed_boxes"])
     return result
 
 
@@ -859,6 +860,12 @@ def train_detector(config: DetectorConfig, overwrite: bool = False) -> Dict[str,
                 raise NonFiniteLossError(f"the loss is {loss.item()} at iteration {iteration + 1} (epoch {epoch}); "
                                          f"the last checkpoint ({ckpt_path}) is from before it. Lower --lr or "
                                          f"keep --clip-max-norm > 0")
+            if config.warmup_iters and iteration < config.warmup_iters:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * _lr_factor(config, epoch) * (iteration + 1) / config.warmup_iters
+            elif config.warmup_iters and iteration == config.warmup_iters:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * _lr_factor(config, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.clip_max_norm) if config.clip_max_norm > 0
