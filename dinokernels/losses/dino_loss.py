@@ -110,10 +110,10 @@ def _sum_dtype(t: Tensor) -> torch.dtype:
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
                           nepochs: int) -> Tensor:
-    """DINO v1's per-epoch teacher temperature, float64 (nepochs,), bit-identical to the official
-    np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-    np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp)): value i of the warm-up is
-    warmup + i·step with step = (teacher − warmup)/(warmup_epochs − 1), the last one exactly teacher_temp."""
+    """DINO v1's per-epoch teacher temperature τ_t (SPEC §2.4), float64 (nepochs,), bit for bit the official values:
+    over the first warmup_teacher_temp_epochs epochs a straight line from warmup_teacher_temp to teacher_temp,
+    both ends included (numpy's linspace: value i is warmup + i·step with step = (teacher − warmup)/(n − 1), the
+    last one exactly teacher_temp), then teacher_temp for every remaining epoch."""
     n = _check_int("teacher_temp_schedule", "warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, 0)
     nepochs = _check_int("teacher_temp_schedule", "nepochs", nepochs, n)
     start, stop = float(warmup_teacher_temp), float(teacher_temp)
