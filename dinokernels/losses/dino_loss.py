@@ -188,7 +188,7 @@ class DINOLoss(nn.Module):
 
     @property
     def teacher_temp_schedule(self) -> Tensor:
-        """τ_t per epoch, float64 (nepochs,), as the official np.concatenate((np.linspace(…), np.ones(…)·τ_t)).
+        """τ_t per epoch, float64 (nepochs,): the linear warm-up then the constant τ_t (see teacher_temp_schedule).
         Assignable (any 1-D sequence of positive temperatures)."""
         return torch.tensor(self._teacher_temps, dtype=torch.float64)
 

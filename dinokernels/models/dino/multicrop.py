@@ -1,8 +1,8 @@
 """DINO's multi-crop wrapper (facebookresearch/dino utils.py MultiCropWrapper, SPEC §2.2).
 
-One backbone forward per run of consecutive crops of equal resolution (the official code groups by
-torch.cumsum(torch.unique_consecutive(widths, return_counts=True)[1])), the outputs concatenated in crop order, then
-ONE head forward on all of them. State-dict keys: backbone.*, head.*.
+One backbone forward per run of consecutive crops of equal resolution (the official wrapper splits the crop list
+where the width changes), the outputs concatenated in crop order, then ONE head forward on all of them. State-dict
+keys: backbone.*, head.*.
 
 Differences from the official code, deliberate: runs are formed on (H, W), not the width alone, so two consecutive
 crops of equal width and different height are not concatenated (which would fail); the outputs are concatenated once
