@@ -12,6 +12,37 @@ __all__ = ["PretrainConfig", "DIGITS_PRESET", "CLUTTERED_DIGITS_PRESET", "PRESET
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUILTIN_DATA = ("digits", "cluttered-digits")  # dinokernels.data.BUILTIN_DATASETS (not imported: torch-free here)
 
+# Issue 16 §5: float settings that must be finite, and ranges / combinations that cannot train.
+_FINITE_FIELDS = ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "momentum_teacher",
+                  "warmup_teacher_temp", "teacher_temp", "student_temp", "center_momentum", "drop_path_rate",
+                  "knn_temperature")
+
+
+def _range_problems(config) -> list:
+    """What PretrainConfig.__post_init__ adds to its checks: non-finite floats (inf passes a `> 0` test),
+    drop_path_rate in [0, 1), center_momentum in [0, 1], knn_temperature > 0, and crops cut into whole patches."""
+    import math
+
+    problems = []
+    for name in _FINITE_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            problems.append(f"{name} must be finite, got {value!r}")
+    if not 0.0 <= config.drop_path_rate < 1.0:
+        problems.append(f"drop_path_rate must be in [0, 1), got {config.drop_path_rate!r}")
+    if not 0.0 <= config.center_momentum <= 1.0:
+        problems.append(f"center_momentum must be in [0, 1], got {config.center_momentum!r}")
+    if not config.knn_temperature > 0:
+        problems.append(f"knn_temperature must be > 0, got {config.knn_temperature!r}")
+    sizes = [("global_size", config.global_size)]
+    if config.local_crops_number > 0:
+        sizes.append(("local_size", config.local_size))
+    for name, side in sizes:
+        if config.patch_size >= 1 and side >= 1 and side % config.patch_size:
+            problems.append(f"patch_size ({config.patch_size}) must divide {name} ({side}): crops are cut into "
+                            f"whole patches")
+    return problems
+
 
 @dataclass
 class PretrainConfig:
@@ -185,6 +216,7 @@ class PretrainConfig:
                 if int(getattr(self, name)) % self.patch_size:
                     problems.append(f"method dinov2 needs crop sides that are multiples of the patch size "
                                     f"{self.patch_size}: {name} is {getattr(self, name)}")
+        problems += _range_problems(self)
         if problems:
             raise ValueError("PretrainConfig: " + "; ".join(problems))
 
