@@ -227,7 +227,8 @@ def vit_memory_bytes(images: int, side: int, patch: int, width: int, depth: int,
 
 
 _VIT_DIMS = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
-             "vit_base": (768, 12, 12)}  # (width, depth, heads)
+             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
+             "vit_giant2": (1536, 40, 24)}  # (width, depth, heads)
 
 
 def check_memory(estimate: int, what: str, device: str = "cpu") -> None:
@@ -436,25 +437,10 @@ def _pretrain_config(args) -> Any:
         raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from e
 
 
-def _check_pretrain_combinations(config) -> None:
-    """Flag combinations that parse but cannot train (UsageError, before any work)."""
-    for name in ("global_size", "local_size"):
-        if config.local_crops_number == 0 and name == "local_size":
-            continue
-        side = getattr(config, name)
-        if side < config.patch_size or side % config.patch_size:
-            raise UsageError(f"--patch-size {config.patch_size} must divide --{name.replace('_', '-')} {side} "
-                             f"(crops are cut into whole patches)")
-    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
-        if getattr(config, name) > config.epochs:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)} exceeds --epochs {config.epochs}")
-
-
 def pretrain_main(args) -> int:
     from .train.trainer import OutputFolderInUseError, _check_output_folder, train_dino
 
-    config = _pretrain_config(args)
-    _check_pretrain_combinations(config)
+    config = _pretrain_config(args)  # combinations that cannot train: PretrainConfig's checks (UsageError)
     try:
         _check_output_folder(config, bool(getattr(args, "overwrite", False)))
     except OutputFolderInUseError as e:

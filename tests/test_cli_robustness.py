@@ -121,8 +121,8 @@ def test_malformed_command_lines(capsys, argv, needles):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (["--patch-size", "5"], ["--patch-size 5", "--global-size 16"]),  # crops of 16 px in 5-px patches
-    (["--patch-size", "32"], ["--patch-size 32"]),  # larger than the crop
+    (["--patch-size", "5"], ["patch_size (5)", "global_size (16)"]),  # crops of 16 px in 5-px patches
+    (["--patch-size", "32"], ["patch_size (32)"]),  # larger than the crop
     (["--global-crops-scale", "0.9", "0.5"], ["global_crops_scale", "0.9"]),
     (["--warmup-epochs", "5", "--epochs", "2"], ["warmup_epochs (5)", "epochs (2)"]),
     (["--global-size", "8192", "--batch-size", "4096"], ["GiB", "estimate", "available"]),  # memory, up front
