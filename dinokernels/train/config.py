@@ -308,11 +308,14 @@ DIGITS_PRESET: Dict[str, Any] = dict(
     builtin_data="digits",
 )
 
-# The default built-in job: cluttered digits (dinokernels.data.synthetic): one digit at a random position, scale and
-# colour on a 24-pixel cluttered canvas, where raw pixels fail. Global crops are 16 pixels (4 patches of 8, the
-# digits job's cost per image); the k-NN sees the whole canvas resized to 16. Milder crops (60–100 % of the canvas,
-# so a crop keeps most of the digit) and grey-scale on half the crops (so the digit's colour, random per image, is
-# not what the views agree on; colour jitter on 80 %).
+# Cluttered digits (dinokernels.data.synthetic): one digit at a random position, scale and colour on a 24-pixel
+# cluttered canvas, where raw pixels fail. Global crops are 16 pixels (4 patches of 8, the digits job's cost per
+# image); the k-NN sees the whole canvas resized to 16. Milder crops (60–100 % of the canvas, so a crop keeps most of
+# the digit) and grey-scale on half the crops (so the digit's colour, random per image, is not what views agree on).
+# Measured (issue 11), full run: k-NN learned 15.7 % / random init 13.4 % / raw pixels 26.2 %, linear probe 17.5 /
+# 12.5 / 18.2 %, teacher entropy 5.55 of ln K 6.93 — DINO does NOT yet beat raw pixels here (the learned features
+# follow the canvas colours that both views share), so this is not the default yet. Variants tried: 32-px canvas
+# and crops (too slow: 17 tokens), 24-px crops with crops 40–100 % (k-NN at chance, entropy drifting to uniform).
 CLUTTERED_DIGITS_PRESET: Dict[str, Any] = dict(
     DIGITS_PRESET,
     builtin_data="cluttered-digits",
@@ -327,7 +330,7 @@ CLUTTERED_DIGITS_PRESET: Dict[str, Any] = dict(
 )
 
 PRESETS: Dict[str, Dict[str, Any]] = {"cluttered-digits": CLUTTERED_DIGITS_PRESET, "digits": DIGITS_PRESET}
-DEFAULT_PRESET = "digits"  # switched to cluttered-digits once measured
+DEFAULT_PRESET = "digits"  # cluttered-digits once a recipe makes DINO beat raw pixels on it (issue 11)
 
 
 def make_config(preset: Optional[str] = None, **overrides) -> PretrainConfig:
