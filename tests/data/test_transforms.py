@@ -226,16 +226,20 @@ def test_crop_box_within_bounds_and_distribution():
 
 
 def test_crop_box_uses_torchvision_draw_order():
+    """SPEC §2.3, the draws of torchvision's box sampler in order: the area fraction (one float32 U(scale) draw),
+    log(w/h) (one float32 U draw between the float32 logs of the ratio bounds), then the top row and the left
+    column (one randint each over the positions where the box fits); w = round(√(A·r)), h = round(√(A/r))."""
+    width, height, scale = 1000, 800, (0.05, 0.4)
+    log_bounds = [float(b) for b in torch.tensor((3 / 4, 4 / 3), dtype=torch.float32).log()]
     torch.manual_seed(11)
-    box = T.sample_crop_box(1000, 800, (0.05, 0.4), (3 / 4, 4 / 3))
+    box = T.sample_crop_box(width, height, scale, (3 / 4, 4 / 3))
     torch.manual_seed(11)
-    area = 800 * 1000 * torch.empty(1).uniform_(0.05, 0.4).item()
-    log_r = torch.log(torch.tensor((3 / 4, 4 / 3)))
-    r = math.exp(torch.empty(1).uniform_(log_r[0], log_r[1]).item())
-    w, h = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
-    i = torch.randint(0, 800 - h + 1, size=(1,)).item()
-    j = torch.randint(0, 1000 - w + 1, size=(1,)).item()
-    assert box == (i, j, h, w)
+    draws = [float(torch.empty(1).uniform_(lo, hi)) for lo, hi in (scale, log_bounds)]
+    crop_area, aspect = width * height * draws[0], math.exp(draws[1])
+    crop_w, crop_h = round(math.sqrt(crop_area * aspect)), round(math.sqrt(crop_area / aspect))
+    assert crop_w <= width and crop_h <= height  # the first candidate fits, so it is placed
+    top, left = (int(torch.randint(0, free + 1, (1,))) for free in (height - crop_h, width - crop_w))
+    assert box == (top, left, crop_h, crop_w)
 
 
 @pytest.mark.parametrize("W,H,expected", [
