@@ -40,6 +40,7 @@ class UnreachedColumns {
   }
   int64_t count() const { return count_; }
   int64_t at(int64_t pos) const { return ids_[size_t(pos)]; }
+  const int64_t* ids() const { return ids_.data(); }
   void take(int64_t pos) { ids_[size_t(pos)] = ids_[size_t(--count_)]; }
 
  private:
@@ -118,21 +119,28 @@ class AugmentingPathSolver {
     unreached_.refill(cols_);
     double reached = 0.0;  // distance of the column most recently added to the tree
     int64_t row = root;
+    // Local pointers and count: the int64 stores below may alias members, which would force a reload per column.
+    double* distance = distance_.data();
+    int64_t* entered_from = entered_from_.data();
+    const double* col_potential = col_potential_.data();
+    const int64_t* row_of_col = row_of_col_.data();
     while (true) {
       row_in_tree_[size_t(row)] = 1;
       const double* row_cost = cost_.data() + row * cols_;
       const double u_row = row_potential_[size_t(row)];
+      const int64_t* scan_order = unreached_.ids();
+      const int64_t n_unreached = unreached_.count();
       int64_t nearest_pos = kNone;
       double nearest = kInf;
-      for (int64_t pos = 0; pos < unreached_.count(); ++pos) {
-        const int64_t col = unreached_.at(pos);
-        const double via_row = reached + row_cost[col] - u_row - col_potential_[size_t(col)];
-        if (via_row < distance_[size_t(col)]) {
-          distance_[size_t(col)] = via_row;
-          entered_from_[size_t(col)] = row;
+      for (int64_t pos = 0; pos < n_unreached; ++pos) {
+        const int64_t col = scan_order[pos];
+        const double via_row = reached + row_cost[col] - u_row - col_potential[col];
+        if (via_row < distance[col]) {
+          distance[col] = via_row;
+          entered_from[col] = row;
         }
-        const double d = distance_[size_t(col)];
-        if (d < nearest || (d == nearest && row_of_col_[size_t(col)] == kNone)) {
+        const double d = distance[col];
+        if (d < nearest || (d == nearest && row_of_col[col] == kNone)) {
           nearest = d;
           nearest_pos = pos;
         }
