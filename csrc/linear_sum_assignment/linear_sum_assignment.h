@@ -1,7 +1,7 @@
 // Exact batched rectangular linear sum assignment (minimum total cost), scipy.optimize.linear_sum_assignment's
 // contract per problem: problem b uses cost[b, :num_rows[b], :num_cols[b]]; it is solved on its transpose when
-// it is tall, so the number of augmentations is min(n, m). Shortest augmenting paths (Jonker–Volgenant as in
-// Crouse 2016, the algorithm of scipy's rectangular_lsap.cpp), potentials and path lengths in float64.
+// it is tall, so the number of augmentations is min(n, m). Method: shortest augmenting paths (Crouse 2016, the
+// method scipy uses since 1.4; SPEC §6.3), with dual potentials and path lengths in float64.
 //
 // Outputs per problem: rows_out[b, :k] ascending and cols_out[b, :k] with k = min(n, m), the rest −1;
 // status[b] = 0 solved, 1 infeasible (+inf entries leave no complete assignment), 2 invalid entries
