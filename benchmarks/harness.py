@@ -261,7 +261,12 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "softmax_center": ["N", "K", "dtype", "sum"],
               "sinkhorn_knopp": ["N", "K", "dtype", "iters"],
               "matcher": ["part", "L", "B", "Q", "G", "T", "map", "dtype"],
-              "ms_deform_attn": ["case", "locations", "N", "Lq", "S", "dtype", "mode"]}
+              "ms_deform_attn": ["case", "locations", "N", "Lq", "S", "dtype", "mode"],
+              "grounding_dino": ["config", "H", "W", "batch", "dtype"],
+              "dinov2_train": ["model", "part", "B", "K", "dtype"],
+              "dinov2_inference": ["model", "res", "batch", "dtype"]}
+# The implementation the ratios compare against, where it is not "reference".
+TABLE_REFERENCE = {"grounding_dino": "transformers", "dinov2_inference": "transformers"}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts
@@ -347,7 +352,7 @@ def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):
         parts += [f"## {bench} on {dev}", "",
                   f"{time}, torch {first['torch']}, dinokernels {first['dinokernels']} ({first['git']}). "
                   f"`{first.get('command', '')}`", "",
-                  print_table(rows, TABLE_KEYS.get(bench, ["mode"])), ""]
+                  print_table(rows, TABLE_KEYS.get(bench, ["mode"]), TABLE_REFERENCE.get(bench, "reference")), ""]
         notes = [r["note"] for r in rows if r.get("note")]
         for note in dict.fromkeys(notes):
             parts += [note, ""]
