@@ -499,13 +499,15 @@ def _device(name: str) -> str:
 def _load_backbone(args):
     """load_backbone for --checkpoint, with a missing, empty, truncated or foreign file as one clear error."""
     from .eval.loading import load_backbone
-    from .train.checkpoint import LOAD_ERRORS, check_checkpoint_file, checkpoint_error
+    from .train.checkpoint import ACCESS_ERRORS, LOAD_ERRORS, check_checkpoint_file, checkpoint_error
 
     path = check_checkpoint_file(args.checkpoint, "--checkpoint")
     try:
         from .eval.loading import read_checkpoint
 
         read_checkpoint(path)
+    except ACCESS_ERRORS:
+        raise
     except LOAD_ERRORS as e:
         raise checkpoint_error(path, e, "--checkpoint") from e
     try:

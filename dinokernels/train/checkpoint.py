@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state", "to_plain", "atomic_write",
-           "CheckpointError", "check_checkpoint_file", "checkpoint_error", "temporary_files"]
+           "CheckpointError", "check_checkpoint_file", "checkpoint_error", "temporary_files", "LOAD_ERRORS",
+           "ACCESS_ERRORS"]
 
 
 class CheckpointError(ValueError):
@@ -98,9 +99,11 @@ def check_checkpoint_file(path: str, what: str = "checkpoint") -> str:
 
 # What torch.load raises for bytes that are not a readable checkpoint (EOFError: empty or cut pickle; RuntimeError:
 # a broken zip archive; UnpicklingError: unknown bytes or objects weights_only refuses; KeyError/ValueError/
-# IndexError: garbage that the legacy pickle reader trips over).
+# IndexError: garbage that the legacy pickle reader trips over; OSError EINVAL: an archive cut at some offsets).
+# Access errors (permissions, a file gone meanwhile) are caught first and passed through unchanged.
 LOAD_ERRORS = (EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError, IndexError, TypeError,
-               UnicodeDecodeError, OverflowError, MemoryError, AttributeError, ImportError)
+               UnicodeDecodeError, OverflowError, MemoryError, AttributeError, ImportError, OSError)
+ACCESS_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def checkpoint_error(path: str, exc: BaseException, what: str = "checkpoint") -> CheckpointError:
@@ -114,7 +117,8 @@ def checkpoint_error(path: str, exc: BaseException, what: str = "checkpoint") ->
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
         reason = ("it holds objects other than tensors and plain data, which safe loading (weights_only) refuses"
                   if head[:2] == b"PK" or head[:1] == b"\x80" else "not a torch checkpoint (unrecognised bytes)")
-    elif head[:2] == b"PK" and ("zip" in first.lower() or "streamreader" in first.lower()):
+    elif head[:2] == b"PK" and ("zip" in first.lower() or "streamreader" in first.lower()
+                                or isinstance(exc, OSError)):
         reason = f"a torch archive that is truncated or corrupt ({first.split('. ')[0]})"
     elif isinstance(exc, EOFError):
         reason = "truncated (the file ends early)"
@@ -130,6 +134,8 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     path = check_checkpoint_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except ACCESS_ERRORS:
+        raise
     except LOAD_ERRORS as e:
         raise checkpoint_error(path, e) from e
 

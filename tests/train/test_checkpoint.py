@@ -76,3 +76,38 @@ def test_to_plain():
             return "/x"
     assert to_plain({"a": (1, 2), "b": np.float32(0.5), "c": P(), "d": None, 1: [True]}) == \
         {"a": [1, 2], "b": 0.5, "c": "/x", "d": None, "1": [True]}
+
+
+def test_atomic_write_keeps_previous_file_on_error_and_usual_permissions(tmp_path):
+    path = tmp_path / "summary.json"
+    with ckpt_mod.atomic_write(str(path), "w") as f:
+        f.write('{"v": 1}')
+    with pytest.raises(RuntimeError):
+        with ckpt_mod.atomic_write(str(path), "w") as f:
+            f.write('{"v": 2, "half')
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == '{"v": 1}' and os.listdir(tmp_path) == ["summary.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (os.stat(path).st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty"), ("half", "truncated or corrupt"), (b"\x00\x01garbage" * 50, "not a torch checkpoint"),
+    ("class", "safe loading"),
+])
+def test_load_checkpoint_bad_files_are_one_checkpoint_error(tmp_path, content, reason):
+    path = tmp_path / "c.pth"
+    if content == "half":
+        save_checkpoint(_payload(1), str(path))
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif content == "class":
+        torch.save({"obj": ckpt_mod.CheckpointError("not plain data")}, str(path))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ckpt_mod.CheckpointError, match=reason) as e:
+        load_checkpoint(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint(str(tmp_path / "missing.pth"))
