@@ -349,6 +349,36 @@ _RECIPE = [
     ("eval_crop", _crop_side, {}, "k-NN preprocessing: centre crop (224 for folders; digits: --global-size)"),
     ("knn_k", positive_int(1 << 20), {}, "k of the k-NN evaluation (20)"),
     ("knn_temperature", finite_positive_float(), {}, "temperature of the k-NN vote (0.07)"),
+    # ---- method and DINOv2's recipe (SPEC §3.2–3.9; unset = DINOv2's default, or the dinov2-digits preset's) ----
+    ("method", str, {"choices": ["dino", "dinov2"]}, "dino (DINO v1, default) | dinov2 (DINO + iBOT + KoLeo; "
+                                                      "DINOv2's defaults apply to unset flags)"),
+    ("centering", str, {"choices": ["centering", "sinkhorn_knopp"]}, "teacher targets: softmax centering "
+                                                                      "(default) or Sinkhorn-Knopp"),
+    ("lr_scaling", str, {"choices": ["linear_wrt_256", "sqrt_wrt_1024"]}, "lr × batch/256 (DINO) or "
+                                                                           "× √(batch/1024) (dinov2)"),
+    ("layer_decay", finite_float(0.0, 1.0, lo_open=True), {}, "dinov2: layer-wise lr decay (0.9)"),
+    ("patch_embed_lr_mult", finite_float(0.0), {}, "dinov2: lr multiplier of the patch embedding (0.2)"),
+    ("dino_loss_weight", finite_float(0.0), {}, "dinov2: weight of the DINO CLS term (1.0)"),
+    ("koleo_loss_weight", finite_float(0.0), {}, "dinov2: weight of the KoLeo term (0.1)"),
+    ("ibot_loss_weight", finite_float(0.0), {}, "dinov2: weight of the iBOT term (1.0)"),
+    ("mask_probability", probability(), {}, "dinov2: fraction of global crops with iBOT masks (0.5)"),
+    ("mask_ratio", probability(), {"nargs": 2, "metavar": ("LO", "HI")}, "dinov2: masked fraction range of "
+                                                                          "those crops' patches (0.1 0.5)"),
+    ("ibot_separate_head", _bool, {"metavar": "BOOL"}, "dinov2: a separate iBOT head (false: shared with DINO)"),
+    ("ibot_out_dim", positive_int(_WIDTH_MAX), {}, "dinov2: K of a separate iBOT head (default: --out-dim)"),
+    ("layerscale", finite_float(0.0), {}, "dinov2: LayerScale init (1e-5; the dinov2-digits preset 1.0)"),
+    ("num_register_tokens", nonnegative_int(64), {}, "dinov2: register tokens (0)"),
+    ("drop_path_uniform", _bool, {"metavar": "BOOL"}, "dinov2: the same stochastic depth in every block (true)"),
+    ("blur_semantics", str, {"choices": ["released", "nominal"]}, "dinov2: blur with 1 − p on the global crops as "
+                                                                   "the released models were trained (released, "
+                                                                   "default), or with p (nominal)"),
+    ("highres_epochs", nonnegative_int(_EPOCHS_MAX), {}, "dinov2: the last N epochs at --highres-global-size "
+                                                          "(local crops scaled alike; 0: none)"),
+    ("highres_global_size", _crop_side, {}, "dinov2: global crop side of the high-resolution phase (518)"),
+    ("distill_teacher", str, {"metavar": "PATH"}, "dinov2 distillation: frozen teacher weights (official file, "
+                                                   "dinov2 checkpoint or transformers folder)"),
+    ("distill_teacher_arch", str, {}, "its architecture: a hub name (dinov2_vitb14 ...) or vit_nano ... "
+                                      "vit_giant2 (not needed for a transformers folder)"),
 ]
 
 
@@ -401,6 +431,26 @@ def _add_pretrain(commands) -> None:
     p.set_defaults(run=pretrain_main)
 
 
+_DINOV2_ONLY = ("layer_decay", "patch_embed_lr_mult", "dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight",
+                "mask_probability", "mask_ratio", "ibot_separate_head", "ibot_out_dim", "layerscale",
+                "num_register_tokens", "drop_path_uniform", "blur_semantics", "highres_epochs", "highres_global_size",
+                "distill_teacher", "distill_teacher_arch")
+
+
+def _check_method_flags(given: Dict[str, Any], args) -> None:
+    """DINOv2-only flags on a fresh --method dino run (given, or the default) would be ignored: refused. On
+    --resume the checkpoint's method decides."""
+    from .train.config import PRESETS
+
+    method = given.get("method") or PRESETS.get(given.get("preset", ""), {}).get("method")
+    if args.resume is None and method in (None, "dino"):
+        wrong = [n for n in _DINOV2_ONLY if n in given]
+        if wrong:
+            raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)}: for --method dinov2 only")
+    if "distill_teacher" in given and not os.path.exists(given["distill_teacher"]):
+        raise UsageError(f"--distill-teacher {given['distill_teacher']!r}: no such file or folder")
+
+
 def _pretrain_config(args) -> Any:
     from .train.checkpoint import load_checkpoint
     from .train.config import PretrainConfig, make_config
@@ -409,9 +459,10 @@ def _pretrain_config(args) -> Any:
                              if getattr(args, f.name, None) is not None and f.name != "resume"}
     if args.use_fp16 is not None and args.precision is None:
         given["precision"] = "fp16" if args.use_fp16 else "fp32"
-    for key in ("global_crops_scale", "local_crops_scale"):
+    for key in ("global_crops_scale", "local_crops_scale", "mask_ratio"):
         if key in given:
             given[key] = tuple(given[key])
+    _check_method_flags(given, args)
     if args.resume is None:
         try:
             return make_config(**given)

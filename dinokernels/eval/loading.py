@@ -42,18 +42,28 @@ def infer_vit_arch(state_dict: Dict[str, torch.Tensor]) -> Tuple[str, int, int]:
 def load_backbone(path: str, which: str = "teacher", arch: Optional[str] = None,
                   patch_size: Optional[int] = None) -> Tuple[nn.Module, Optional[Any], Dict[str, Any]]:
     """(backbone in eval mode, PretrainConfig or None, the checkpoint dict) from `path`: a checkpoint written by
-    `dinokernels pretrain` (its config rebuilds the model; `which` picks teacher or student), or an official DINO
-    file (a plain backbone dict, or a full checkpoint whose `which` entry is used), whose architecture is inferred
-    from its shapes unless arch / patch_size are given. Loading is strict."""
+    `dinokernels pretrain` (DINO or DINOv2; its config rebuilds the model; `which` picks teacher or student), or
+    an official DINO file (a plain backbone dict, or a full checkpoint whose `which` entry is used), whose
+    architecture is inferred from its shapes unless arch / patch_size are given. Loading is strict."""
     from ..models.dino import build_backbone, extract_state_dict, load_official_weights
     from ..train.config import PretrainConfig
+    from ..train.methods import DINOv2TrainingMethod, build_dinov2_backbone, dinov2_checkpoint_backbone
     from ..train.trainer import CHECKPOINT_FORMAT
 
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     ckpt = read_checkpoint(path)
     config = None
-    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(ckpt, dict) and ckpt.get("format") == DINOv2TrainingMethod.checkpoint_format:
+        # a `dinokernels pretrain --method dinov2` checkpoint: "teacher" is the final model (the EMA teacher, or
+        # the student EMA of a distillation run), "student" the student
+        from ..models import dinov2
+
+        config = PretrainConfig.from_dict(ckpt["config"])
+        model, _ = build_dinov2_backbone(config.replace(arch=arch or config.arch,
+                                                        patch_size=patch_size or config.patch_size), 0.0)
+        dinov2.load_official_weights(model, dinov2_checkpoint_backbone(ckpt, which))
+    elif isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         config = PretrainConfig.from_dict(ckpt["config"])
         model, _ = build_backbone(arch or config.arch, patch_size=patch_size or config.patch_size,
                                   img_size=config.global_size)

@@ -20,7 +20,8 @@ from .ema import ema_update, unwrap
 from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .schedules import cosine_scheduler
 
-__all__ = ["DINOMethod", "DINOv2TrainingMethod", "build_method", "METHODS"]
+__all__ = ["DINOMethod", "DINOv2TrainingMethod", "build_method", "METHODS", "build_dinov2_backbone",
+           "load_distillation_teacher", "dinov2_checkpoint_backbone"]
 
 
 def _has_batchnorms(model: nn.Module) -> bool:
@@ -290,11 +291,26 @@ def load_distillation_teacher(config: PretrainConfig) -> nn.Module:
 
     ckpt = load_checkpoint(path, map_location="cpu")
     if isinstance(ckpt, dict) and ckpt.get("format") == DINOv2TrainingMethod.checkpoint_format:
-        state = ckpt["method"]
-        prefix = "student_ema.backbone." if any(k.startswith("student_ema.") for k in state) else "teacher.backbone."
-        ckpt = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        ckpt = dinov2_checkpoint_backbone(ckpt, "teacher")
     dinov2.load_official_weights(teacher, ckpt)
     return teacher
+
+
+def dinov2_checkpoint_backbone(ckpt: Dict[str, Any], which: str = "teacher") -> Dict[str, Tensor]:
+    """The backbone state dict of a dinokernels DINOv2 training checkpoint: `which` "teacher" is the final model
+    (the EMA teacher, or the student EMA of a distillation run: the frozen teacher is the input, not the result),
+    "student" the trained student."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    state = ckpt["method"]
+    if which == "student":
+        prefix = "student.backbone."
+    else:
+        prefix = "student_ema.backbone." if any(k.startswith("student_ema.") for k in state) else "teacher.backbone."
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not backbone:
+        raise ValueError(f"the DINOv2 checkpoint has no {prefix}* weights")
+    return backbone
 
 
 METHODS = {"dino": DINOMethod, "dinov2": DINOv2TrainingMethod}
