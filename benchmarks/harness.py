@@ -263,6 +263,7 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "matcher": ["part", "L", "B", "Q", "G", "T", "map", "dtype"],
               "ms_deform_attn": ["case", "locations", "N", "Lq", "S", "dtype", "mode"],
               "grounding_dino": ["config", "H", "W", "batch", "dtype"],
+              "grounding_dino_batch": ["config", "H", "W", "batch", "dtype"],
               "dinov2_train": ["model", "part", "B", "K", "dtype"],
               "dinov2_inference": ["model", "res", "batch", "dtype"]}
 # The implementation the ratios compare against, where it is not "reference".
