@@ -189,6 +189,8 @@ def main(argv=None):
     parser.add_argument("--batch-scaling", action="store_true",
                         help="its own table (grounding_dino_batch): our model (kernel backend), batch 1 and 4, time "
                              "only; for the target 'batch 4 no slower per image than batch 1'")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a busy shared machine "
+                        "1 thread avoids every small op waiting for a second thread to be scheduled")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="time only (skip the peak-memory child, which calls every case twice more)")
     parser.add_argument("--impl", nargs="+", default=["transformers", "kernel", "reference"],
@@ -196,6 +198,8 @@ def main(argv=None):
     parser.set_defaults(rounds=2)
     args = parser.parse_args(argv)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench = BENCH
     if args.batch_scaling:
         bench, args.batch, args.impl, args.memory = BENCH + "_batch", args.batch or [1, 4], ["kernel"], False

@@ -267,7 +267,8 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "dinov2_train": ["model", "part", "B", "K", "dtype"],
               "dinov2_inference": ["model", "res", "batch", "dtype"]}
 # The implementation the ratios compare against, where it is not "reference".
-TABLE_REFERENCE = {"grounding_dino": "transformers", "dinov2_inference": "transformers"}
+TABLE_REFERENCE = {"grounding_dino": "transformers", "grounding_dino_batch": "kernel",
+                   "dinov2_inference": "transformers"}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts
