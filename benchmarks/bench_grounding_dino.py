@@ -131,13 +131,16 @@ def make_cases(args, device, ours, hf, tokenizer, timer):
             ids, attn, types = (tok[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
             sizes = torch.tensor([[h, w]] * b, dtype=torch.float32)
 
-            def autocast_ctx():
+            # Every per-case tensor is bound as a default argument: the cases are all built before any runs, so a
+            # closure over the loop variables would see the last case's batch.
+            def autocast_ctx(autocast=autocast):
                 return torch.autocast(device, dtype=autocast, enabled=autocast is not None)
 
-            def run_ours(backend, label):
+            def run_ours(backend, label, images=images, ids=ids, attn=attn, types=types, sizes=sizes,
+                         autocast=autocast):
                 def fn():
                     timer.label = label
-                    with torch.no_grad(), autocast_ctx(), _config.use_backend(backend):
+                    with torch.no_grad(), autocast_ctx(autocast), _config.use_backend(backend):
                         out = ours(images, input_ids=ids, attention_mask=attn, token_type_ids=types)
                         start = time.perf_counter()
                         res = post_process({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, sizes,
@@ -147,8 +150,8 @@ def make_cases(args, device, ours, hf, tokenizer, timer):
                     return res
                 return fn
 
-            def run_hf():
-                with torch.no_grad(), autocast_ctx():
+            def run_hf(images=images, ids=ids, attn=attn, types=types, sizes=sizes, autocast=autocast, b=b):
+                with torch.no_grad(), autocast_ctx(autocast):
                     out = hf(pixel_values=images, input_ids=ids, attention_mask=attn, token_type_ids=types,
                              pixel_mask=torch.ones((b, h, w), dtype=torch.long, device=device))
                     return post_process({"pred_logits": out.logits.float(), "pred_boxes": out.pred_boxes.float()},
@@ -223,7 +226,7 @@ def main(argv=None):
     records = []
     for params, fns in cases:
         # The stage split counts the timed rounds only (the warm-up call pays one-time set-up costs).
-        samples = time_interleaved(fns, device, args.rounds, after_warmup=lambda: [
+        samples = time_interleaved(fns, device, args.rounds, after_warmup=lambda params=params, fns=fns: [
             timer.totals.pop(f"{impl}|{params['dtype']}|{params['batch']}", None) for impl in fns])
         b = params["batch"]
         for impl, s in samples.items():
@@ -269,9 +272,9 @@ def main(argv=None):
                f"timing on {os.cpu_count()} cores (a shared machine: other engineers' jobs ran meanwhile). "
                f"Times per image = batch time / batch; memory = one batch's forward. Models: Swin-T + bert-base-sized "
                f"BERT, random weights, transformers {_transformers_version()}. " + TARGETS_TEXT + ".")
-    for rec in records:
-        if rec["impl"] == "transformers":
-            rec["note"] = machine
+    if records:  # once per run, on its first record (a run without transformers still says how loaded it was)
+        first = records[0]
+        first["note"] = machine if not first.get("note") else machine + " " + first["note"]
         rec["command"] = ("python benchmarks/bench_grounding_dino.py " + " ".join(
             argv if argv is not None else sys.argv[1:])).strip()
     print()
