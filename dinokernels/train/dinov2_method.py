@@ -69,9 +69,9 @@ class DINOv2Method(nn.Module):
         if not separate_ibot_head and ibot_out_dim != out_dim:
             raise ValueError("DINOv2Method: a shared head needs ibot_out_dim == out_dim (or separate_ibot_head=True)")
 
-        def head(k):
+        def head(k, in_dim=embed_dim):
             # DINOv2's weight-normed last layer keeps g trainable (no norm_last_layer freeze, SPEC §3.1).
-            return DINOHead(embed_dim, k, norm_last_layer=False, nlayers=head_nlayers, hidden_dim=head_hidden_dim,
+            return DINOHead(in_dim, k, norm_last_layer=False, nlayers=head_nlayers, hidden_dim=head_hidden_dim,
                             bottleneck_dim=head_bottleneck_dim)
 
         student = {"backbone": backbone, "dino_head": head(out_dim)}
@@ -80,10 +80,13 @@ class DINOv2Method(nn.Module):
         self.student = nn.ModuleDict(student)
         self.distillation = teacher_backbone is not None
         if self.distillation:
+            # the teacher's heads read its own (possibly wider) features
+            teacher_dim = int(getattr(teacher_backbone, "embed_dim", embed_dim))
             teacher = {"backbone": teacher_backbone,
-                       "dino_head": teacher_dino_head if teacher_dino_head is not None else head(out_dim)}
+                       "dino_head": teacher_dino_head if teacher_dino_head is not None else head(out_dim, teacher_dim)}
             if separate_ibot_head:
-                teacher["ibot_head"] = teacher_ibot_head if teacher_ibot_head is not None else head(ibot_out_dim)
+                teacher["ibot_head"] = (teacher_ibot_head if teacher_ibot_head is not None
+                                        else head(ibot_out_dim, teacher_dim))
             self.teacher = nn.ModuleDict(teacher)
             self.student_ema = copy.deepcopy(self.student)
             for p in self.student_ema.parameters():

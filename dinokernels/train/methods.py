@@ -144,6 +144,8 @@ class DINOv2TrainingMethod:
             centering=config.centering, student_temp=config.student_temp, center_momentum=config.center_momentum,
             dino_weight=config.dino_loss_weight, koleo_weight=config.koleo_loss_weight,
             ibot_weight=config.ibot_loss_weight, teacher_backbone=teacher_backbone).to(device)
+        if config.distill_teacher:
+            self._load_teacher_heads(config.distill_teacher)
         if is_distributed():  # every rank starts from rank 0's weights
             for t in list(self.method.parameters()) + list(self.method.buffers()):
                 torch.distributed.broadcast(t.data, 0)
@@ -154,6 +156,35 @@ class DINOv2TrainingMethod:
         for g in groups:
             g.pop("names")
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+    def _load_teacher_heads(self, path: str) -> None:
+        """A distillation teacher from a dinokernels DINOv2 checkpoint brings its heads too (the paper distils
+        from the whole pretrained model); official and transformers weights hold no heads, so the frozen teacher's
+        heads are then random projections of its features."""
+        import os
+
+        from .checkpoint import load_checkpoint
+
+        if os.path.isdir(path):
+            return
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if not (isinstance(ckpt, dict) and ckpt.get("format") == self.checkpoint_format):
+            return
+        state = ckpt["method"]
+        source = "student_ema." if any(k.startswith("student_ema.") for k in state) else "teacher."
+        for name, head in self.method.teacher.items():
+            if name == "backbone":
+                continue
+            prefix = f"{source}{name}."
+            head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not head_state:
+                continue  # e.g. a shared-head teacher for a separate-head student: this head stays random
+            try:
+                head.load_state_dict(head_state)
+            except RuntimeError as e:
+                raise ValueError(f"--distill-teacher {path}: its {name} does not fit this run's head sizes "
+                                 f"(--out-dim, --ibot-out-dim, --hidden-dim, --bottleneck-dim must be the "
+                                 f"teacher's): {str(e).splitlines()[0]}") from None
 
     # ---- schedules ----
     def build_schedules(self, niter_per_ep: int, batch_total: int) -> None:
