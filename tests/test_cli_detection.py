@@ -21,7 +21,7 @@ def test_train_detector_runs_refuses_reuse_and_resumes(capsys, tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl", "loss.png", "summary.json"]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["iterations"] == 1 and summary["config"]["model"] == "small"
-    assert summary["config"]["lr"] == 4e-4 and summary["config"]["colors"] == ["red", "blue"]
+    assert summary["config"]["lr"] == 2e-3 and summary["config"]["colors"] == ["red", "blue"]
 
     assert main(["train-detector", "--out", out, "--epochs", "1", *TINY]) == 2
     assert "already holds another run's files" in capsys.readouterr().err
