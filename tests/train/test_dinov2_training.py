@@ -24,7 +24,7 @@ from dinokernels.train.trainer import train_dino
 TINY = dict(method="dinov2", subset=8, batch_size_per_gpu=4, epochs=1, warmup_epochs=0, digits_size=8,
             global_size=8, local_size=4, patch_size=4, local_crops_number=2, out_dim=32, hidden_dim=16,
             bottleneck_dim=8, mask_probability=1.0, mask_ratio=(0.25, 0.5), drop_path_rate=0.1, evaluate=False,
-            progress=False, num_workers=0, seed=3, freeze_last_layer=0, layerscale=0.1)
+            progress=False, num_workers=0, seed=3, freeze_last_layer=0, layerscale=0.1, device="cpu")
 TERMS = ("dino_local", "dino_global", "ibot", "koleo")
 
 
@@ -171,7 +171,7 @@ def test_cli_dinov2_run_resume_and_knn(tmp_path, capsys):
             "--layerscale", "0.1", "--koleo-loss-weight", "0.2", "--ibot-loss-weight", "0.5",
             "--centering", "sinkhorn_knopp", "--ibot-separate-head", "true", "--ibot-out-dim", "24",
             "--layer-decay", "0.8", "--patch-embed-lr-mult", "0.5", "--blur-semantics", "nominal",
-            "--num-register-tokens", "1", "--no-eval", "--no-progress", "--num-workers", "0"]
+            "--num-register-tokens", "1", "--no-eval", "--no-progress", "--num-workers", "0", "--device", "cpu"]
     assert cli_main(argv) == 0
     ckpt = load_checkpoint(os.path.join(out, "checkpoint.pth"))
     cfg = ckpt["config"]
@@ -184,7 +184,8 @@ def test_cli_dinov2_run_resume_and_knn(tmp_path, capsys):
     resumed = load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert resumed["iteration"] == 4 and resumed["config"]["method"] == "dinov2"
     capsys.readouterr()
-    assert cli_main(["knn", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json", "--no-baselines"]) == 0
+    assert cli_main(["knn", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json", "--no-baselines",
+                     "--device", "cpu"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 1 and all(0.0 <= r["knn"] <= 1.0 for r in results.values())
 
