@@ -192,3 +192,47 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a train-detector checkpoint"):
         torch.save({"model": {}}, tmp_path / "other.pth")
         D.build_detector_from_checkpoint(str(tmp_path / "other.pth"))
+
+
+class CaptionReadingModel(torch.nn.Module):
+    """Query g gets object g's box; its logits are +12 on the tokens of object g's category name when that name is
+    in the caption (text_blind: on every real token), −12 elsewhere."""
+
+    def __init__(self, dataset, tokenizer, text_blind=False, max_text_len=32, queries=5):
+        super().__init__()
+        self.dataset, self.tokenizer, self.text_blind = dataset, tokenizer, text_blind
+        self.max_text_len, self.queries, self.next = max_text_len, queries, 0
+
+    def forward(self, images, masks=None, input_ids=None, attention_mask=None, token_type_ids=None):
+        _, _, target = self.dataset[self.next]
+        self.next += 1
+        ids = input_ids[0].tolist()
+        logits = torch.full((1, self.queries, self.max_text_len), -12.0)
+        boxes = torch.full((1, self.queries, 4), 0.5)
+        for g, (box, label) in enumerate(zip(target["boxes"], target["labels"])):
+            boxes[0, g] = box
+            if self.text_blind:
+                logits[0, g, :len(ids)] = 12.0
+                continue
+            name = self.tokenizer(self.dataset.category_names[label], add_special_tokens=False)["input_ids"]
+            dot = self.tokenizer.convert_tokens_to_ids(".")
+            for start in range(len(ids) - len(name)):
+                if ids[start:start + len(name)] == name and ids[start + len(name)] == dot:  # the whole phrase
+                    logits[0, g, start:start + len(name)] = 12.0
+        return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def test_named_unnamed_check_separates_text_reading_from_text_blind():
+    dataset = D.ShapesDetection("val", 8, 64, seed=1, max_names=4, colors=["red", "blue"],
+                                shapes=["circle", "square"])
+    from dinokernels.models.grounding_dino.text import build_tokenizer
+    tokenizer = build_tokenizer(D.vocab_for_names(dataset.category_names))
+    reading = D.named_unnamed_check(CaptionReadingModel(dataset, tokenizer), tokenizer, dataset, seed=5)
+    assert reading["named_boxes"] > 0 and reading["unnamed_boxes"] > 0
+    assert reading["AP50_named"] == pytest.approx(1.0)
+    assert reading["named_recall"] == 1.0 and reading["unnamed_detected"] == 0.0
+    assert reading["named_score"] > 0.99 and reading["unnamed_score"] < 0.01
+    blind = D.named_unnamed_check(CaptionReadingModel(dataset, tokenizer, text_blind=True), tokenizer, dataset,
+                                  seed=5)
+    assert blind["unnamed_detected"] == 1.0 and blind["unnamed_score"] > 0.99
+    assert blind["unnamed_detected_any_token"] == 1.0
