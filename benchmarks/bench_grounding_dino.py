@@ -275,8 +275,10 @@ def main(argv=None):
     if records:  # once per run, on its first record (a run without transformers still says how loaded it was)
         first = records[0]
         first["note"] = machine if not first.get("note") else machine + " " + first["note"]
-        rec["command"] = ("python benchmarks/bench_grounding_dino.py " + " ".join(
-            argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python benchmarks/bench_grounding_dino.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])).strip()
+    for rec in records:
+        rec["command"] = command
     print()
     print(harness.print_table(records, keys, reference="transformers"))
     for rec in records:
