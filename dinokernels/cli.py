@@ -397,6 +397,7 @@ def _add_pretrain(commands) -> None:
                     "With no arguments: the built-in scikit-learn digits, a small ViT, the CPU, about three minutes "
                     "on two cores, then a k-NN table (learned features vs random initialisation vs raw pixels) and "
                     "<out>/summary.json. With --data DIR: your images, the official recipe's defaults. "
+                    "--method dinov2: DINOv2 (DINO + iBOT + KoLeo) with its defaults, built-in job dinov2-digits. "
                     "Multi-process: torchrun --nproc_per_node=N -m dinokernels pretrain ...")
     p.add_argument("--data", metavar="DIR", help="folder of images (recursive; jpg/png/webp); default: the built-in "
                                                  "digits")
