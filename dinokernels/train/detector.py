@@ -49,7 +49,7 @@ MODEL_SIZES = ("small", "swint")
 # The built-in demo: synthetic shapes and the small model from scratch (about 10 minutes on two CPU cores).
 DEMO_SHAPES = {"colors": ["red", "green", "blue"], "shapes": ["circle", "square", "triangle"]}
 # One thread: on a shared, oversubscribed 2-core machine two threads were 10-30× slower (spinning OpenMP workers).
-DEMO: Dict[str, Any] = dict(model="small", epochs=9, batch_size=8, lr=2e-3, warmup_iters=50, lr_drop=7,
+DEMO: Dict[str, Any] = dict(model="small", epochs=11, batch_size=8, lr=2e-3, warmup_iters=50, lr_drop=9,
                             image_size=96, num_train=512, num_val=64, max_names=9, num_queries=30, threads=1)
 
 
