@@ -29,7 +29,7 @@ def _add_train_detector(commands) -> None:
 
     p = commands.add_parser(
         "train-detector",
-        help="train Grounding DINO on a COCO-format folder, or the built-in synthetic shapes demo (CPU, ~10 min)",
+        help="train Grounding DINO on a COCO-format folder, or the built-in synthetic shapes demo (2 CPU cores: 5-9 min)",
         description="Grounding DINO training (Open-GroundingDino's recipe, SPEC §5.8): captions of the present "
                     "category names plus random negatives, token-level focal + L1 + GIoU losses on every decoder "
                     "layer and the encoder proposals, AdamW with separate backbone / text-encoder learning rates, "

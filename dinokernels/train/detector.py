@@ -13,8 +13,9 @@ shapes, with COCO box AP (pycocotools) on the val split.
 * DDP under torchrun through train.distributed (gloo on the CPU); evaluation runs on rank 0.
 
 The `small` model (Swin embed 32, one block per stage; a 1-layer BERT over a vocabulary of the category words;
-d_model 64; 2 + 2 layers) trains from scratch on the synthetic shapes in minutes on two CPU cores (the demo
-preset, `DEMO`); `swint` is Grounding DINO-T with a local BERT (`text_encoder`).
+d_model 64; 2 + 2 layers) trains from scratch on the synthetic shapes on two CPU cores (the demo preset, `DEMO`:
+704 iterations, 4.5 minutes at load 5-6, held-out AP50 0.50); `swint` is Grounding DINO-T with a local BERT
+(`text_encoder`).
 """
 from __future__ import annotations
 
