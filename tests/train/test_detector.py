@@ -236,3 +236,42 @@ def test_named_unnamed_check_separates_text_reading_from_text_blind():
                                   seed=5)
     assert blind["unnamed_detected"] == 1.0 and blind["unnamed_score"] > 0.99
     assert blind["unnamed_detected_any_token"] == 1.0
+
+
+
+def test_two_process_ddp_run(tmp_path):
+    # Two CPU processes (gloo, file:// rendezvous): the sampler shards the images, rank 0 writes the outputs.
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent('''
+        import json, sys
+        from dinokernels.train import detector as D
+        from dinokernels.train.distributed import cleanup_distributed, get_world_size
+        settings = json.loads(sys.argv[1])
+        D.train_detector(D.make_detector_config(**settings))
+        assert get_world_size() == 2
+        cleanup_distributed()
+    '''))
+    settings = dict(TINY, num_train=8, out=str(tmp_path / "run"), epochs=1, max_iters=2, evaluate=False)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+                   DINOKERNELS_INIT_METHOD="file://" + str(tmp_path / "store"), DINOKERNELS_BACKEND="kernel")
+        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(settings)], cwd=str(tmp_path),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + 240
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoint.pth"))
+    assert ckpt["iteration"] == 2 and ckpt["epoch"] == 1  # 8 images / 2 ranks / batch 2: 2 steps per epoch
+    assert [json.loads(line)["iteration"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2]
