@@ -1,6 +1,6 @@
-// CPU soft cross-entropy (see soft_ce.h). Rounding: the forward and the backward must see bit-identical
-// z/τ − max values, so every such expression has the same shape in both (z·inv − m, which -ffp-contract turns
-// into one FMA in both places), and teacher logits are stored rounded before use in both.
+// CPU soft cross-entropy (see soft_ce.h; shared arithmetic in soft_ce_math.h). Exponents are (z − max)/τ_s and
+// (d − max)·2/τ_t: a difference before a product, which no fused multiply-add can round differently in the
+// forward and the backward.
 //
 // Rows split into 2048-column chunks, one task per (row b, chunk), all
 // S student and T teacher rows of that b at once so every teacher chunk is read (or exponentiated) once per b,
@@ -40,6 +40,12 @@ void check_args(const Args& a, int dtype, std::uintptr_t student, std::uintptr_t
   DK_CHECK_ARG(!a.teacher_logits || (std::isfinite(a.teacher_temp) && a.teacher_temp > 0), kOp, "teacher_temp",
                "must be positive and finite, got ", a.teacher_temp);
   DK_CHECK_ARG(std::isfinite(a.scale), kOp, "scale", "must be finite, got ", a.scale);
+  // The exponent factors 1/τ_s and 2/τ_t must be finite in the kernel's dtype.
+  const bool f32 = dtype == kFloat32;
+  DK_CHECK_ARG(!f32 || std::isfinite(float(1.0 / a.student_temp)), kOp, "student_temp",
+               "is too small for float32 (1/student_temp overflows), got ", a.student_temp);
+  DK_CHECK_ARG(!a.teacher_logits || !f32 || std::isfinite(softmax_center::temperature_factor<float>(a.teacher_temp)),
+               kOp, "teacher_temp", "is too small for float32 (2/teacher_temp overflows), got ", a.teacher_temp);
   check_pointer(as_ptr<void>(student), kOp, "student_logits");
   check_pointer(as_ptr<void>(teacher), kOp, "teacher");
   if (a.teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
@@ -58,35 +64,43 @@ T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// Teacher logits of one chunk → e = exp(a − m) into out, a = (z − center)·inv_temp; returns (m, Σe).
+// Teacher logits of one chunk → e = exp((d − m)·factor) into out, d = z/2 − center/2 and factor = 2/τ_t
+// (softmax_center_math.h); returns (m, Σe).
 template <typename T>
-void teacher_chunk_exp(const T* z, const T* center, T inv_temp, int64_t n, T* out, T& m, T& s) {
+void teacher_chunk_exp(const T* z, const T* center, T factor, int64_t n, T* out, T& m, T& s) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   int64_t k = 0;
   typename S::vec vm = S::splat(-INFINITY);
   for (; k + L <= n; k += L) {
-    const typename S::vec a = (S::load(z + k) - S::load(center + k)) * inv_temp;
-    S::store(out + k, a);
-    vm = cpu::vmax(vm, a);
+    const typename S::vec d = softmax_center::half_centered(S::load(z + k), S::load(center + k));
+    S::store(out + k, d);
+    vm = cpu::vmax(vm, d);
   }
   m = -INFINITY;
   for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
   for (; k < n; ++k) {
-    out[k] = (z[k] - center[k]) * inv_temp;
+    out[k] = softmax_center::half_centered(z[k], center[k]);
     m = std::max(m, out[k]);
   }
   typename S::vec vs{};
   for (k = 0; k + L <= n; k += L) {
-    const typename S::vec e = cpu::vexp(S::load(out + k) - m);
+    const typename S::vec e = cpu::vexp(softmax_center::exponent(S::load(out + k), m, factor));
     S::store(out + k, e);
     vs += e;
   }
   s = S::sum(vs);
   for (; k < n; ++k) {
-    out[k] = std::exp(out[k] - m);
+    out[k] = std::exp(softmax_center::exponent(out[k], m, factor));
     s += out[k];
   }
+}
+
+// Lane-wise target_times_exponent: 0 where the target is 0, even against x = −inf.
+template <typename V>
+inline V vtarget_times_exponent(V p, V x) {
+  const V zero{};
+  return p == zero ? zero : p * x;
 }
 
 // One (b, chunk) task of the forward: fills the chunk record.
@@ -103,14 +117,15 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
     teacher_rows[t] = teacher + t * row_stride + b * a.classes + k0;
     if (a.teacher_logits) {
       T* e = teacher_buffer + t * kChunk;
-      teacher_chunk_exp(teacher_rows[t], center + k0, T(1.0 / a.teacher_temp), n, e, record[layout.teacher(t)],
+      teacher_chunk_exp(teacher_rows[t], center + k0, softmax_center::temperature_factor<T>(a.teacher_temp), n, e,
+                        record[layout.teacher(t)],
                         record[layout.teacher(t) + 1]);
       teacher_rows[t] = e;
     }
   }
   for (int64_t v = 0; v < a.views; ++v) {
     const T* z = student + v * row_stride + b * a.classes + k0;
-    const T m = row_max(z, n) * inv_ts;
+    const T m = row_max(z, n);  // in the logits' space: x = (z − m)/τ_s
     T* rec = record + layout.student(v);
     typename S::vec vs{}, vd{}, vp{};
     int64_t k = 0;
@@ -121,35 +136,36 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       for (int64_t t = 0; t < a.teachers; ++t)
         if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = teacher_rows[t];
       for (; k + L <= n; k += L) {
-        const typename S::vec x = S::load(z + k) * inv_ts - m;
+        const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
         vs += cpu::vexp(x);
         typename S::vec p{};
         for (int j = 0; j < n_paired; ++j) p += S::load(paired_rows[j] + k);
-        vd += p * x;
+        vd += vtarget_times_exponent(p, x);
         vp += p;
       }
       T s = S::sum(vs), d = S::sum(vd), mass = S::sum(vp);
       for (; k < n; ++k) {
-        const T x = z[k] * inv_ts - m;
+        const T x = student_exponent(z[k], m, inv_ts);
         s += std::exp(x);
         T p = 0;
         for (int j = 0; j < n_paired; ++j) p += paired_rows[j][k];
-        d += p * x;
+        d += target_times_exponent(p, x);
         mass += p;
       }
       rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
     } else {
-      for (; k + L <= n; k += L) vs += cpu::vexp(S::load(z + k) * inv_ts - m);
+      for (; k + L <= n; k += L) vs += cpu::vexp(student_exponent(S::load(z + k), m, inv_ts));
       T s = S::sum(vs);
-      for (; k < n; ++k) s += std::exp(z[k] * inv_ts - m);
+      for (; k < n; ++k) s += std::exp(student_exponent(z[k], m, inv_ts));
       rec[0] = m, rec[1] = s, rec[2] = 0, rec[3] = 0;
       for (int64_t t = 0; t < a.teachers; ++t) {
         if (!paired(v, t, a.skip_same_view)) continue;
         const T* e = teacher_rows[t];
         typename S::vec acc{};
-        for (k = 0; k + L <= n; k += L) acc += S::load(e + k) * (S::load(z + k) * inv_ts - m);
+        for (k = 0; k + L <= n; k += L)
+          acc += vtarget_times_exponent(S::load(e + k), student_exponent(S::load(z + k), m, inv_ts));
         T d = S::sum(acc);
-        for (; k < n; ++k) d += e[k] * (z[k] * inv_ts - m);
+        for (; k < n; ++k) d += target_times_exponent(e[k], student_exponent(z[k], m, inv_ts));
         record[layout.pair(v, t)] = d;
       }
     }
@@ -181,7 +197,8 @@ void forward_impl(const Args& a, const T* student, const T* teacher, const T* ce
   for (int64_t b = 0; b < a.batch; ++b) {
     const T l = combine_row(records + b * chunks * record_size, record_size, chunks, layout, a.skip_same_view,
                             a.teacher_logits, a.batch, b, RowStats<T>{student_stats, a.views, a.batch}, target_sum,
-                            RowStats<T>{teacher_stats, a.teachers, a.batch});
+                            RowStats<T>{teacher_stats, a.teachers, a.batch}, T(1.0 / a.student_temp),
+                            softmax_center::temperature_factor<T>(a.teacher_temp));
     row_loss[size_t(b)] = weights ? weights[b] * l : l;
   }
   double total = 0;
@@ -196,7 +213,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   const int64_t chunks = n_chunks(a.classes), tasks = a.batch * chunks, row_stride = a.batch * a.classes;
-  const T inv_ts = T(1.0 / a.student_temp), inv_tt = T(1.0 / a.teacher_temp);
+  const T inv_ts = T(1.0 / a.student_temp), factor = softmax_center::temperature_factor<T>(a.teacher_temp);
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
 #pragma omp parallel num_threads(threads)
   {
@@ -210,18 +227,18 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
       const T* rows[64];
       for (int64_t t = 0; t < a.teachers; ++t) {
         rows[t] = teacher + t * row_stride + b * a.classes + k0;
-        if (a.teacher_logits) {  // p_t = exp(a_t − LSE_t), recomputed instead of stored by the forward
+        if (a.teacher_logits) {  // p_t = exp((d − M)·2/τ_t − log Σ), recomputed instead of stored by the forward
           T* p = buffer.data() + t * kChunk;
           const T mx = teacher_stats[t * a.batch + b], ls = teacher_stats[(a.teachers + t) * a.batch + b];
-          // a is stored before use, exactly as teacher_chunk_exp does in the forward: a fused multiply-add
-          // would skip the rounding of a, and at |a| ~ 1e5 half an ulp moves the target by a percent.
           const T* z = rows[t];
           const T* cen = center + k0;
           int64_t k = 0;
-          for (; k + L <= n; k += L) S::store(p + k, (S::load(z + k) - S::load(cen + k)) * inv_tt);
-          for (; k < n; ++k) p[k] = (z[k] - cen[k]) * inv_tt;
-          for (k = 0; k + L <= n; k += L) S::store(p + k, cpu::vexp((S::load(p + k) - mx) - ls));
-          for (; k < n; ++k) p[k] = std::exp((p[k] - mx) - ls);
+          for (; k + L <= n; k += L)
+            S::store(p + k, cpu::vexp(softmax_center::exponent(
+                                          softmax_center::half_centered(S::load(z + k), S::load(cen + k)), mx,
+                                          factor) - ls));
+          for (; k < n; ++k)
+            p[k] = std::exp(softmax_center::exponent(softmax_center::half_centered(z[k], cen[k]), mx, factor) - ls);
           rows[t] = p;
         }
       }
@@ -241,10 +258,10 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         }
         int64_t k = 0;
         for (; k + L <= n; k += L) {
-          const typename S::vec soft = cpu::vexp((S::load(z + k) * inv_ts - mx) - ls);
+          const typename S::vec soft = cpu::vexp(student_exponent(S::load(z + k), mx, inv_ts) - ls);
           S::store(g + k, (soft * mass - S::load(target + k)) * coef);
         }
-        for (; k < n; ++k) g[k] = (std::exp((z[k] * inv_ts - mx) - ls) * mass - target[k]) * coef;
+        for (; k < n; ++k) g[k] = (std::exp(student_exponent(z[k], mx, inv_ts) - ls) * mass - target[k]) * coef;
       }
     }
   }

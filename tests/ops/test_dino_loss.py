@@ -351,6 +351,51 @@ def test_float32_error_within_20x_pytorch_float32(case):
                                                       f"{base:.3g}, floor {floor * scale:.3g}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [50, 4099])
+def test_logits_near_1e9_match_the_exact_loss(K, dtype):
+    """Issue 16: student logits around 1e9 raised "non-finite loss (overflow)" (z·(1/τ_s) fused with the rounded
+    maximum into an FMA gave exp(±512)), where the loss itself is ~1e3. Logits 1e9 + multiples of 128 (exact in
+    float32); the exact loss is shift-invariant per row, so the oracle is float64 on the row-shifted logits. The
+    centered variant puts teacher logits and center near 1e9 as well."""
+    gen = torch.Generator().manual_seed(K)
+    student = 1e9 + 128.0 * torch.randint(-40, 41, (4, 3, K), generator=gen, dtype=torch.float64)
+    teacher_logits = -1e9 + 128.0 * torch.randint(-40, 41, (2, 3, K), generator=gen, dtype=torch.float64)
+    center = -2e9 + 128.0 * torch.randint(-5, 6, (K,), generator=gen, dtype=torch.float64)
+    for x in (student, teacher_logits, center):
+        assert torch.equal(x.float().double(), x)
+    shifted = student - student.amax(-1, keepdim=True)
+    t_temp = 300.0
+    centered = teacher_logits - center  # exact: integers below 2^53, and so is the shift by the row maximum
+    probs64 = torch.softmax((centered - centered.amax(-1, keepdim=True)) / t_temp, dim=-1)
+    cases = ((dino_loss, (probs64.to(dtype), 50.0), dino_loss_ref, (probs64, 50.0)),
+             (dino_loss_centered, (teacher_logits.to(dtype), center.to(dtype), t_temp, 50.0), dino_loss_ref,
+              (probs64, 50.0)))
+    tol = tolerance(dtype, 1.0)  # exponents (z − max)/τ_s are exact to their own size, ≤ 10240/50
+    for fn, args, ref_fn, ref_args in cases:
+        loss, grad = loss_and_grad(fn, student.to(dtype), *args)
+        loss64, grad64 = loss_and_grad(ref_fn, shifted, *ref_args)
+        assert 10 < loss64.item() < 1e5
+        torch.testing.assert_close(loss.double(), loss64, rtol=tol, atol=0)
+        torch.testing.assert_close(grad.double(), grad64, rtol=0, atol=tol * grad64.abs().max().item())
+    # A single row [[1e9, 0]]-like case at the default temperature: finite, and the exact value.
+    student = torch.tensor([[[1e9, 0.0]], [[0.0, 1e9]]], dtype=dtype)
+    probs = torch.tensor([[[0.5, 0.5]], [[0.25, 0.75]]], dtype=dtype)
+    loss = dino_loss(student, probs)
+    exact = (0.5 * 1e10 + 0.75 * 1e10) / 2  # view 0 vs teacher 1 and view 1 vs teacher 0, mean over 2 pairs
+    torch.testing.assert_close(loss.double(), torch.tensor(exact, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_zero_target_against_a_logit_gap_beyond_the_float_range():
+    # z − max overflows to −inf where the target is 0: the term is 0, not NaN.
+    big = torch.finfo(torch.float32).max * 0.9
+    student = torch.tensor([[[big, -big, 0.0]], [[0.0, 1.0, 2.0]]])
+    probs = torch.tensor([[[1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]])
+    loss = dino_loss(student, probs)
+    loss64 = dino_loss_ref(student.double() - student.double().amax(-1, keepdim=True), probs.double())
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-6, atol=0)
+
+
 def test_centered_equals_softmax_center_then_dino_loss():
     S, T, B, K = 6, 2, 3, 777
     student = torch.randn(S, B, K, dtype=torch.float64)
