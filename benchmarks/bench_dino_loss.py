@@ -1,5 +1,5 @@
-"""DINO loss: dinokernels' fused kernels vs the pure-PyTorch reference written as official DINO computes it (one
-log-softmax per student view, one B×K product per pair), forward and forward+backward, time and peak memory.
+"""DINO loss: dinokernels' fused kernels vs the pure-PyTorch reference dino_loss_ref (the direct
+form: one log-softmax per student view, one B×K product per pair), forward and forward+backward, time and peak memory.
 Variants: `probs` (dino_loss on teacher targets) and `centered` (dino_loss_centered: teacher logits, center and
 temperature fused in). On CUDA also the reference under torch.compile and the achieved fraction of the memory
 bound (read the student logits once, write the gradient once) against the card's measured copy bandwidth.

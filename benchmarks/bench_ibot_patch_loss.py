@@ -1,5 +1,6 @@
-"""iBOT patch loss on the masked tokens: dinokernels' fused kernel vs the official torch code (log-softmax,
-product, weighted sum), forward and forward+backward, time and peak memory; on CUDA also under torch.compile.
+"""iBOT patch loss on the masked tokens: dinokernels' fused kernel vs the pure-PyTorch reference ibot_patch_loss_ref
+(log-softmax, product, weighted sum), forward and forward+backward, time and peak memory; on CUDA also under
+torch.compile.
 
     python benchmarks/bench_ibot_patch_loss.py [--quick] [--device cuda --dtype float32 bfloat16]
 """

@@ -23,7 +23,7 @@ import shapes  # noqa: E402
 
 import dinokernels  # noqa: E402
 from dinokernels.models.grounding_dino import HungarianMatcher  # noqa: E402
-from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_official  # noqa: E402
+from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_flat  # noqa: E402
 
 TARGETS = [({"part": "matcher", "L": 1, "B": 4, "Q": 900, "G": 20, "T": 256, "map": "spans", "dtype": "float32"},
             3.0, None, "CPU matcher B=4 Q=900 G=20 T=256: >= 3x faster than DETR-style torch cost + scipy")]
@@ -50,8 +50,8 @@ def make_inputs(L, B, Q, G, T, kind, device, dtype):
 
 
 def detr_style_cost(logits, boxes, targets, dtype=None):
-    """Open-GroundingDino's matcher cost: (B, Q, ΣG) to the CPU, split into per-image blocks."""
-    C = matching_cost_official(logits, boxes, targets, dtype=dtype).cpu()
+    """The flattened-batch cost (matching_cost_flat): (B, Q, ΣG) to the CPU, split into per-image blocks."""
+    C = matching_cost_flat(logits, boxes, targets, dtype=dtype).cpu()
     sizes = [len(v["boxes"]) for v in targets]
     return [c[i] for i, c in enumerate(C.split(sizes, -1))]
 

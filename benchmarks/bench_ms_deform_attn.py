@@ -1,9 +1,9 @@
-"""Multi-scale deformable attention: dinokernels' kernels vs the pure-PyTorch grid_sample reference
-(Deformable-DETR's ms_deform_attn_core_pytorch), forward and forward+backward, time and peak memory. Shapes: the
-Grounding DINO Swin-T encoder layer on an 800×1333 image (shapes.MSDA) with realistic locations (each query's pixel
-centre plus offsets of about two pixels per level) and uniform random ones, and the decoder's 900 queries. On CUDA
-also the reference under torch.compile and the achieved bandwidth (inputs read once, outputs written once) against
-the card's measured copy bandwidth.
+"""Multi-scale deformable attention: dinokernels' kernels vs the pure-PyTorch grid_sample reference ms_deform_attn_ref
+(SPEC §4.2's grid_sample formulation), forward and forward+backward, time and peak memory. Shapes: the Grounding DINO
+Swin-T encoder layer on an 800×1333 image (shapes.MSDA) with realistic locations (each query's pixel centre plus offsets
+of about two pixels per level) and uniform random ones, and the decoder's 900 queries. On CUDA also the reference under
+torch.compile and the achieved bandwidth (inputs read once, outputs written once) against the card's measured copy
+bandwidth.
 
     python benchmarks/bench_ms_deform_attn.py                 # CPU, float32, every case
     python benchmarks/bench_ms_deform_attn.py --quick         # the issue's target: encoder, realistic locations

@@ -1,5 +1,5 @@
-"""softmax_center (DINO teacher targets, with and without the center-update column sum) vs the official
-torch code (softmax((z − c)/τ) and z.sum(0)), time and peak memory; on CUDA also under torch.compile.
+"""softmax_center (DINO teacher targets, with and without the center-update column sum) vs the pure-PyTorch
+reference softmax_center_ref (softmax((z − c)/τ) and z.sum(0)), time and peak memory; on CUDA also under torch.compile.
 
     python benchmarks/bench_softmax_center.py [--quick] [--device cuda --dtype float32 bfloat16]
 """

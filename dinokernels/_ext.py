@@ -2,15 +2,65 @@
 
 Nothing here imports torch, so ``import dinokernels._ext`` works anywhere.
 """
+import importlib
+import importlib.machinery
+import os
+import sys
+
 from ._version import __version__
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class KernelUnavailableError(RuntimeError):
     """A compiled kernel was required (DINOKERNELS_BACKEND=kernel) but is not available."""
 
 
+def _compiled_module_in(folder: str):
+    """The path of a compiled ``_C`` module in `folder`, or None."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if "_C" + suffix in names:
+            return os.path.join(folder, "_C" + suffix)
+    return None
+
+
+def _missing_module_reason(package_dir: str, search_path) -> str:
+    """Why there is no compiled module in `package_dir` (this package's folder), and what to do; `search_path` is
+    sys.path. The usual cause: Python started in the repository root of a non-editable install puts the source tree
+    (never built in place) first on sys.path, ahead of the installed copy that has the module."""
+    installed = None
+    for entry in search_path:
+        folder = os.path.join(os.path.abspath(entry or os.curdir), "dinokernels")
+        if os.path.realpath(folder) != os.path.realpath(package_dir) and _compiled_module_in(folder):
+            installed = folder
+            break
+    if installed is not None:
+        return (f"the dinokernels source tree at {package_dir} shadows the installed package at {installed} and "
+                f"has no compiled module: run Python from outside the repository root (or `pip install -e .` to "
+                f"build in place)")
+    root = os.path.dirname(package_dir)
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc")):
+        return (f"the dinokernels source tree at {package_dir} has no compiled module (it is not built in place): "
+                f"`pip install .` and run Python from outside the repository root, or `pip install -e .` to build "
+                f"in place")
+    return (f"no compiled module dinokernels._C in {package_dir}: reinstall dinokernels from its source tree "
+            f"(`pip install .`) on a machine with a C++17 compiler")
+
+
+# import_module rather than `from . import _C`: a missing submodule then reads "No module named ...", not Python's
+# misleading "partially initialized module (most likely due to a circular import)".
 try:
-    from . import _C  # noqa: F401
+    _C = importlib.import_module(__package__ + "._C")
+except ModuleNotFoundError as exc:
+    _C = None
+    if exc.name == __package__ + "._C":
+        _LOAD_ERROR = _missing_module_reason(_PACKAGE_DIR, sys.path)
+    else:
+        _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 except Exception as exc:  # ImportError, OSError from a broken .so, ...: all mean "no kernels"
     _C = None
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,7 @@
-"""The `pretrain`, `knn` and `attention` sub-commands of `dinokernels` (hooked into __main__.py)."""
+"""Command line: ``dinokernels <command>`` or ``python -m dinokernels <command>``.
+
+`main()` builds the parser; every sub-command registers itself in `add_commands` (info, pretrain, knn,
+attention). The `dinokernels` script and ``python -m dinokernels`` (__main__.py) both call `main`."""
 import argparse
 import json
 import os
@@ -6,8 +9,31 @@ import sys
 from dataclasses import fields
 from typing import Any, Dict, Optional
 
-__all__ = ["add_commands", "pretrain_main", "knn_main", "attention_main"]
+__all__ = ["main", "add_commands", "info_main", "pretrain_main", "knn_main", "attention_main"]
 
+
+# ---- info ----
+
+def _add_info(commands) -> None:
+    p = commands.add_parser("info", help="print build information and whether kernels and the GPU are usable")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(run=info_main)
+
+
+def info_main(args) -> int:
+    from ._build_info import build_info
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# ---- pretrain ----
 
 def _bool(s: str) -> bool:
     """main_dino.py's bool_flag."""
@@ -283,13 +309,17 @@ def attention_main(args) -> int:
 
 
 def add_commands(commands) -> None:
-    """Adds pretrain, knn and attention to the `dinokernels` sub-command parser."""
+    """Registers every sub-command on the `dinokernels` sub-command parser (add new ones here)."""
+    _add_info(commands)
     _add_pretrain(commands)
     _add_knn(commands)
     _add_attention(commands)
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .__main__ import main as dk_main
-
-    return dk_main(argv)
+    parser = argparse.ArgumentParser(prog="dinokernels", description="dinokernels: build information, DINO "
+                                     "pretraining and evaluation")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_commands(commands)
+    args = parser.parse_args(argv)
+    return args.run(args)

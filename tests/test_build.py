@@ -201,3 +201,93 @@ def test_backend_choice_for_a_cuda_device_follows_gpu_usability():
     _dispatch._warned.discard(("koleo_forward", "cuda"))  # the fallback warns once per op and device
     with dinokernels.use_backend("auto"), pytest.warns(_dispatch.FallbackWarning, match="reference"):
         assert _dispatch.use_reference("koleo_forward", cuda0) is True
+
+
+# Runs `python -m dinokernels info` the way runpy does for `-m`, after dropping an editable install's import hook:
+# that hook would supply _C from the checkout it points at, where a non-editable install (CI, README) has none.
+RUN_INFO_WITHOUT_EDITABLE_HOOK = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.argv = ["dinokernels", "info"]
+runpy.run_module("dinokernels", run_name="__main__", alter_sys=True)
+"""
+
+
+def info_lines(stdout):
+    """`dinokernels info`'s "key  value" lines as a dict."""
+    return dict(line.split(None, 1) for line in stdout.splitlines() if len(line.split(None, 1)) == 2)
+
+
+def copy_package(destination, with_compiled_module):
+    """A copy of the installed package's sources in destination/dinokernels; its compiled module linked in, or
+    left out as in a source checkout that was never built in place."""
+    package = os.path.dirname(dinokernels.__file__)
+    copy = os.path.join(destination, "dinokernels")
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    if with_compiled_module:
+        compiled = _ext.module().__file__
+        os.symlink(compiled, os.path.join(copy, os.path.basename(compiled)))
+    return copy
+
+
+def test_source_tree_shadowing_the_installed_package_is_named_not_a_circular_import(tmp_path):
+    # `pip install .` then Python in the repository root: the working directory, first on sys.path, holds the
+    # sources without _C, ahead of the installed copy. Python's own message blamed a circular import.
+    source = copy_package(tmp_path / "repo", with_compiled_module=False)
+    installed = copy_package(tmp_path / "site-packages", with_compiled_module=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site-packages"), "DINOKERNELS_BACKEND": "auto"}
+    info = subprocess.run([sys.executable, "-c", RUN_INFO_WITHOUT_EDITABLE_HOOK], capture_output=True, text=True,
+                          env=env, cwd=tmp_path / "repo", timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "circular" not in info.stdout + info.stderr
+    reason = (f"the dinokernels source tree at {source} shadows the installed package at {installed} and has no "
+              f"compiled module: run Python from outside the repository root (or `pip install -e .` to build in "
+              f"place)")
+    lines = info_lines(info.stdout)
+    assert lines["extension_loaded"] == "False" and lines["extension_error"] == reason, info.stdout
+
+    # The same reason reaches the user through the kernel backend's error and the fallback's warning.
+    kernel = subprocess.run([sys.executable, "-c", RUN_INFO_WITHOUT_EDITABLE_HOOK.replace(
+        'sys.argv = ["dinokernels", "info"]\nrunpy.run_module("dinokernels", run_name="__main__", alter_sys=True)',
+        textwrap.dedent("""
+        import warnings, torch, dinokernels
+        from dinokernels.ops import koleo_loss
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            koleo_loss(torch.randn(8, 4))
+        print("WARNING", *[str(w.message) for w in caught])
+        dinokernels.set_backend("kernel")
+        try:
+            koleo_loss(torch.randn(8, 4))
+        except dinokernels.KernelUnavailableError as exc:
+            print("ERROR", exc)
+        """))], capture_output=True, text=True, env=env, cwd=tmp_path / "repo", timeout=300)
+    assert kernel.returncode == 0, kernel.stderr
+    assert "circular" not in kernel.stdout + kernel.stderr
+    warning, error = kernel.stdout.splitlines()[-2:]
+    assert warning.startswith("WARNING") and reason in warning, kernel.stdout
+    assert error.startswith("ERROR dinokernels.koleo_forward") and reason in error, kernel.stdout
+
+
+def test_missing_module_reason_names_the_case(tmp_path, monkeypatch):
+    # Which copy of the package lacks _C, and whether an installed one on sys.path has it, decide the advice.
+    source = copy_package(tmp_path / "repo", with_compiled_module=False)
+    installed = copy_package(tmp_path / "site-packages", with_compiled_module=True)
+    repo, site = str(tmp_path / "repo"), str(tmp_path / "site-packages")
+    assert _ext._missing_module_reason(source, [repo, site]) == (
+        f"the dinokernels source tree at {source} shadows the installed package at {installed} and has no compiled "
+        f"module: run Python from outside the repository root (or `pip install -e .` to build in place)")
+    # A folder that is not a checkout, nothing installed elsewhere.
+    assert _ext._missing_module_reason(source, [repo]) == (
+        f"no compiled module dinokernels._C in {source}: reinstall dinokernels from its source tree (`pip install .`) "
+        f"on a machine with a C++17 compiler")
+    # A checkout (pyproject.toml and csrc/ beside the package) that was never built, nothing installed elsewhere.
+    (tmp_path / "repo" / "pyproject.toml").write_text("[project]\nname = 'dinokernels'\n")
+    (tmp_path / "repo" / "csrc").mkdir()
+    assert _ext._missing_module_reason(source, [repo, str(tmp_path / "missing")]) == (
+        f"the dinokernels source tree at {source} has no compiled module (it is not built in place): `pip install .` "
+        f"and run Python from outside the repository root, or `pip install -e .` to build in place")
+    # The installed copy itself is not "elsewhere"; a relative entry ('' is the working directory) is resolved.
+    assert "shadows" not in _ext._missing_module_reason(installed, [site])
+    monkeypatch.chdir(site)
+    assert f"installed package at {installed}" in _ext._missing_module_reason(source, [""])

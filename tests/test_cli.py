@@ -10,8 +10,7 @@ import tempfile
 
 import pytest
 
-from dinokernels.__main__ import main
-from dinokernels.cli import _pretrain_config
+from dinokernels.cli import _pretrain_config, main
 
 
 def run_cli(*args, timeout=300):
@@ -33,6 +32,21 @@ def _parse(argv):
 def test_info_still_works(capsys):
     assert main(["info"]) == 0
     assert "version" in capsys.readouterr().out
+
+
+def test_script_and_module_run_the_one_main():
+    # The command line lives in cli.py: the `dinokernels` script and `python -m dinokernels` both call cli.main.
+    import importlib
+    import dinokernels.__main__ as module_entry
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pyproject.toml")) as f:
+        scripts = f.read().split("[project.scripts]")[1].split("[")[0]
+    target = scripts.split("dinokernels =")[1].split()[0].strip('"')
+    module_name, function = target.split(":")
+    assert getattr(importlib.import_module(module_name), function) is main
+    assert module_entry.main is main
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("info", "pretrain", "knn", "attention"))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +118,11 @@ def test_flags_official_defaults_with_data_and_preset_without(tmp_path):
 
 
 def test_no_torchvision_or_timm_import():
-    code = ("import sys, dinokernels.cli, dinokernels.train.trainer, dinokernels.eval.report, "
+    # torch itself imports tqdm when it is installed: only what dinokernels adds counts.
+    code = ("import sys, torch; before = set(sys.modules); "
+            "import dinokernels.cli, dinokernels.train.trainer, dinokernels.eval.report, "
             "dinokernels.eval.attention, dinokernels.eval.loading, dinokernels.models.dino, dinokernels.data; "
-            "bad = [m for m in ('torchvision', 'timm', 'matplotlib', 'tqdm') if m in sys.modules]; "
+            "bad = [m for m in ('torchvision', 'timm', 'matplotlib', 'tqdm') if m in set(sys.modules) - before]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -50,16 +50,16 @@ WORKER = textwrap.dedent('''
     import dinokernels
     from dinokernels.losses import DINOLoss, iBOTPatchLoss
     from dinokernels.ops import sinkhorn_knopp
-    from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_official
+    from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_plain
 
     dinokernels.set_backend("kernel")
     data = torch.load(os.path.join(folder, "inputs.pt"))
-    out = {"sk": [], "sk_official": [], "dino_loss": [], "dino_center": [], "dino_sk_loss": [],
+    out = {"sk": [], "sk_plain": [], "dino_loss": [], "dino_center": [], "dino_sk_loss": [],
            "ibot_center": [], "ibot_sk": []}
 
     for ranks, temp, iters in data["sk"]:
         out["sk"].append(sinkhorn_knopp(ranks[rank], temp, iters))
-        out["sk_official"].append(sinkhorn_knopp_official(ranks[rank], temp, iters))
+        out["sk_plain"].append(sinkhorn_knopp_plain(ranks[rank], temp, iters))
 
     centering = DINOLoss(data["k"], data["ncrops"], center_momentum=data["momentum"]).double()
     sk = DINOLoss(data["k"], data["ncrops"], centering="sinkhorn_knopp").double()
@@ -166,8 +166,8 @@ def test_sinkhorn_knopp_two_ranks_equals_concatenated_batch(run):
             close(got, expected, full.dtype, f"case {case} rank {rank}: distributed op")
             if ranks[rank].shape[0]:
                 close(got.sum(-1), torch.ones(ranks[rank].shape[0]), full.dtype, f"case {case} rank {rank}: rows")
-            close(results[rank]["sk_official"][case], reference[offsets[rank]:offsets[rank + 1]], full.dtype,
-                  f"case {case} rank {rank}: official iterations, distributed")
+            close(results[rank]["sk_plain"][case], reference[offsets[rank]:offsets[rank + 1]], full.dtype,
+                  f"case {case} rank {rank}: plain iterations, distributed")
     close(results[0]["sk_group0"], sinkhorn_knopp(data["sk"][0][0][0], data["sk"][0][1], data["sk"][0][2]),
           what="process_group of rank 0 alone")
 

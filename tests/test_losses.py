@@ -1,268 +1,21 @@
-"""Loss modules (dinokernels.losses) against float64 copies of the official module code: DINO v1 DINOLoss
-(main_dino.py), DINOv2 DINOLoss's teacher side (dinov2/loss/dino_clstoken_loss.py), DINOv2 iBOTPatchLoss and
-KoLeoLoss. Loss values, student gradients, centers over consecutive steps, the teacher temperature schedule,
-Sinkhorn-Knopp targets, and bad input. Multi-process behaviour is in test_distributed.py."""
-import contextlib
-
+"""Loss modules (dinokernels.losses) against the float64 oracles of tests/ssl_references.py, written here from
+SPEC §2.1 (DINO v1), §3.2-§3.4 (DINOv2 teacher side, iBOT) and §3.5 (KoLeo). Loss values, student gradients,
+centers over consecutive steps, the teacher temperature schedule, Sinkhorn-Knopp targets, and bad input.
+Multi-process behaviour is in test_distributed.py."""
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 import dinokernels
 from dinokernels.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, teacher_temp_schedule
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Official code, copied; only changes: float64 buffers, v1's dist.all_reduce dropped (world size 1), the chunk
-# count of the v1 teacher made a parameter (2 in the original), iBOT SK's unguarded all_reduce guarded.
-# ---------------------------------------------------------------------------------------------------------------
-
-class OfficialDINOLossV1(nn.Module):
-    """facebookresearch/dino main_dino.py DINOLoss."""
-
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9, n_global=2):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.n_global = n_global
-        self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float64))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp,
-                        teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
-        ))
-
-    def forward(self, student_output, teacher_output, epoch):
-        student_out = student_output / self.student_temp
-        student_out = student_out.chunk(self.ncrops)
-
-        # teacher centering and sharpening
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
-        teacher_out = teacher_out.detach().chunk(self.n_global)
-
-        total_loss = official_v1_cross_view(student_out, teacher_out)
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output):
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        batch_center = batch_center / (len(teacher_output) * 1)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def official_v1_cross_view(student_out, teacher_out):
-    """The loop of v1 DINOLoss.forward: student_out = chunks of student/τ_s, teacher_out = chunks of targets."""
-    total_loss = 0
-    n_loss_terms = 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(len(student_out)):
-            if v == iq:
-                # we skip cases where student and teacher operate on the same view
-                continue
-            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-            total_loss += loss.mean()
-            n_loss_terms += 1
-    total_loss /= n_loss_terms
-    return total_loss
-
-
-class OfficialDINOLossV2(nn.Module):
-    """dinov2/loss/dino_clstoken_loss.py DINOLoss, teacher side (the loss itself is v1's up to normalisation)."""
-
-    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float64))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_output = None
-        self.async_batch_center = None
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output, teacher_temp):
-        self.apply_center_update()
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        Q = torch.exp(teacher_output / teacher_temp).t()
-        B = Q.shape[1] * world_size
-        K = Q.shape[0]
-        sum_Q = torch.sum(Q)
-        if dist.is_initialized():
-            dist.all_reduce(sum_Q)
-        Q /= sum_Q
-        for it in range(n_iterations):
-            sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
-            if dist.is_initialized():
-                dist.all_reduce(sum_of_rows)
-            Q /= sum_of_rows
-            Q /= K
-            Q /= torch.sum(Q, dim=0, keepdim=True)
-            Q /= B
-        Q *= B
-        return Q.t()
-
-    @torch.no_grad()
-    def update_center(self, teacher_output):
-        self.reduce_center_update(teacher_output)
-
-    @torch.no_grad()
-    def reduce_center_update(self, teacher_output):
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        if dist.is_initialized():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        if self.updated is False:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-            _t = self.async_batch_center / (self.len_teacher_output * world_size)
-            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-            self.updated = True
-
-
-def official_lossfunc(t, s, temp):
-    return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
-
-
-class OfficialiBOTPatchLoss(nn.Module):
-    """dinov2/loss/ibot_patch_loss.py iBOTPatchLoss (PyTorch path of lossfunc)."""
-
-    def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim, dtype=torch.float64))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_patch_tokens = None
-        self.async_batch_center = None
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp):
-        self.apply_center_update()
-        self.center = self.center.to(device=teacher_patch_tokens.device)
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
-        Q = torch.exp(teacher_output / teacher_temp).t()
-        B = n_masked_patches_tensor
-        if dist.is_initialized():  # unguarded in the original (fails single-process)
-            dist.all_reduce(B)
-        K = Q.shape[0]
-        sum_Q = torch.sum(Q)
-        if dist.is_initialized():
-            dist.all_reduce(sum_Q)
-        Q /= sum_Q
-        for it in range(n_iterations):
-            sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
-            if dist.is_initialized():
-                dist.all_reduce(sum_of_rows)
-            Q /= sum_of_rows
-            Q /= K
-            Q /= torch.sum(Q, dim=0, keepdim=True)
-            Q /= B
-        Q *= B
-        return Q.t()
-
-    def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
-        t = teacher_patch_tokens
-        s = student_patch_tokens
-        loss = torch.sum(t * F.log_softmax(s / self.student_temp, dim=-1), dim=-1)
-        loss = torch.sum(loss * student_masks_flat.float(), dim=-1) / student_masks_flat.sum(dim=-1).clamp(min=1.0)
-        return -loss.mean()
-
-    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
-                       n_masked_patches=None, masks_weight=None):
-        t = teacher_patch_tokens_masked
-        s = student_patch_tokens_masked
-        loss = official_lossfunc(t, s, self.student_temp)
-        if masks_weight is None:
-            masks_weight = (
-                (1 / student_masks_flat.sum(-1).clamp(min=1.0))
-                .unsqueeze(-1)
-                .expand_as(student_masks_flat)[student_masks_flat]
-            )
-        if n_masked_patches is not None:
-            loss = loss[:n_masked_patches]
-        loss = loss * masks_weight
-        return -loss.sum() / student_masks_flat.shape[0]
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_tokens):
-        self.reduce_center_update(teacher_patch_tokens)
-
-    @torch.no_grad()
-    def reduce_center_update(self, teacher_patch_tokens):
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)
-        if dist.is_initialized():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        if self.updated is False:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-            _t = self.async_batch_center / (self.len_teacher_patch_tokens * world_size)
-            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-            self.updated = True
-
-
-class OfficialKoLeoLoss(nn.Module):
-    """dinov2/loss/koleo_loss.py (minus the autocast guard)."""
-
-    def __init__(self):
-        super().__init__()
-        self.pdist = nn.PairwiseDistance(2, eps=1e-8)
-
-    def pairwise_NNs_inner(self, x):
-        dots = torch.mm(x, x.t())
-        n = x.shape[0]
-        dots.view(-1)[:: (n + 1)].fill_(-1)
-        _, I = torch.max(dots, dim=1)  # noqa: E741
-        return I
-
-    def forward(self, student_output, eps=1e-8):
-        student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
-        I = self.pairwise_NNs_inner(student_output)  # noqa: E741
-        distances = self.pdist(student_output, student_output[I])
-        return -torch.log(distances + eps).mean()
+from ssl_references import (DinoV1Reference, center_after, centered_targets, cross_view_cross_entropy,
+                            ibot_dense_loss, ibot_masked_loss, koleo_reference, masked_token_weights,
+                            patch_center_after, sinkhorn_targets, teacher_temperatures)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def float64_default():
-    """Run official code with float64 as the default dtype, so that its dtype-less tensors (iBOT's 1/count
-    weights) are float64 too."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 def loss_and_grad(fn, x, *args, **kwargs):
     x = x.detach().clone().requires_grad_(True)
@@ -272,7 +25,7 @@ def loss_and_grad(fn, x, *args, **kwargs):
 
 
 def close(actual, expected, dtype):
-    """actual (computed in dtype from dtype-representable inputs) vs the float64 official value: relative error,
+    """actual (computed in dtype from dtype-representable inputs) vs the float64 oracle value: relative error,
     with an absolute floor relative to the largest expected magnitude (gradients and probabilities have many
     near-zero entries)."""
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -297,24 +50,24 @@ def new_dino(k, ncrops, dtype, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ncrops", [2, 4, 10])
-def test_dino_loss_centering_matches_official_over_steps(ncrops, dtype):
+def test_dino_loss_centering_matches_reference_over_steps(ncrops, dtype):
     """Loss, student gradient and center over five consecutive steps, across the warm-up of the teacher
     temperature (30 of 100 epochs) so each step uses a different τ_t and the center of the previous step."""
     k, b = 67, 5
     kw = dict(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, nepochs=100)
     ours = new_dino(k, ncrops, dtype, **kw)
-    official = OfficialDINOLossV1(k, ncrops, kw["warmup_teacher_temp"], kw["teacher_temp"],
-                                  kw["warmup_teacher_temp_epochs"], kw["nepochs"])
+    reference = DinoV1Reference(k, ncrops, teacher_temperatures(kw["warmup_teacher_temp"], kw["teacher_temp"],
+                                                               kw["warmup_teacher_temp_epochs"], kw["nepochs"]))
     assert ours.center.dtype == dtype and ours.center.shape == (1, k) and not ours.center.any()
     for epoch in (0, 15, 29, 30, 99):
         student = (torch.randn(ncrops * b, k, dtype=torch.float64) * 2).to(dtype).double()
         teacher = teacher_logits(2 * b, k).to(dtype).double()
-        expected, expected_grad = loss_and_grad(official, student, teacher, epoch)
+        expected, expected_grad = loss_and_grad(reference, student, teacher, epoch)
         loss, grad = loss_and_grad(ours, student.to(dtype), teacher.to(dtype), epoch)
         assert loss.shape == () and loss.dtype == dtype
         close(loss, expected, dtype)
         close(grad, expected_grad, dtype)
-        close(ours.center, official.center, dtype)
+        close(ours.center, reference.center, dtype)
     assert ours.center.dtype == dtype
 
 
@@ -342,13 +95,12 @@ def test_dino_loss_gradient_after_center_update_and_teacher_gets_none():
     k, b, ncrops = 40, 3, 6
     ours = DINOLoss(k, ncrops).double()
     ours.center = teacher_logits(1, k)
-    official = OfficialDINOLossV1(k, ncrops, 0.04, 0.04, 0, 100)
-    official.center = ours.center.clone()
+    reference = DinoV1Reference(k, ncrops, 0.04, center=ours.center)
     student = torch.randn(ncrops * b, k, dtype=torch.float64, requires_grad=True)
     teacher = teacher_logits(2 * b, k).requires_grad_(True)
     ours(student, teacher).backward()
     assert teacher.grad is None
-    expected_grad = torch.autograd.grad(official(student, teacher.detach(), 0), student)[0]
+    expected_grad = torch.autograd.grad(reference(student, teacher.detach(), 0), student)[0]
     close(student.grad, expected_grad, torch.float64)
 
 
@@ -356,11 +108,11 @@ def test_dino_loss_gradient_after_center_update_and_teacher_gets_none():
     (0.04, 0.07, 30, 100), (0.04, 0.04, 0, 100), (0.04, 0.07, 1, 10), (0.02, 0.07, 10, 10), (0.04, 0.07, 7, 300),
     (0.07, 0.04, 2, 3),
 ])
-def test_teacher_temp_schedule_matches_official(warmup_temp, temp, warmup_epochs, nepochs):
-    official = OfficialDINOLossV1(8, 4, warmup_temp, temp, warmup_epochs, nepochs).teacher_temp_schedule
+def test_teacher_temp_schedule_matches_reference(warmup_temp, temp, warmup_epochs, nepochs):
+    expected = teacher_temperatures(warmup_temp, temp, warmup_epochs, nepochs)
     ours = DINOLoss(8, 4, warmup_temp, temp, warmup_epochs, nepochs).teacher_temp_schedule
     assert ours.dtype == torch.float64 and ours.shape == (nepochs,)
-    assert torch.equal(ours, torch.from_numpy(official)), (ours, official)
+    assert torch.equal(ours, torch.from_numpy(expected)), (ours, expected)
     assert torch.equal(teacher_temp_schedule(warmup_temp, temp, warmup_epochs, nepochs), ours)
 
 
@@ -386,48 +138,47 @@ def test_dino_loss_teacher_temp_override(dtype):
     """teacher_temp= replaces the schedule (DINOv2's per-iteration τ_t); epoch is then not used."""
     k, b, ncrops = 50, 4, 4
     ours = new_dino(k, ncrops, dtype, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
-    official = OfficialDINOLossV1(k, ncrops, 0.04, 0.07, 30, 100)
+    reference = DinoV1Reference(k, ncrops, teacher_temperatures(0.04, 0.07, 30, 100))
     for step, temp in enumerate((0.041, 0.0555, 0.07)):
-        official.teacher_temp_schedule = np.array([temp])
+        reference.temperatures = np.array([temp])
         student = torch.randn(ncrops * b, k, dtype=torch.float64).to(dtype).double()
         teacher = teacher_logits(2 * b, k).to(dtype).double()
-        expected, expected_grad = loss_and_grad(official, student, teacher, 0)
+        expected, expected_grad = loss_and_grad(reference, student, teacher, 0)
         loss, grad = loss_and_grad(ours, student.to(dtype), teacher.to(dtype), epoch=10_000 * step,
                                    teacher_temp=temp)
         close(loss, expected, dtype)
         close(grad, expected_grad, dtype)
-        close(ours.center, official.center, dtype)
+        close(ours.center, reference.center, dtype)
 
 
 @pytest.mark.parametrize("n_global,ncrops", [(1, 2), (1, 5), (3, 3), (3, 7)])
 def test_dino_loss_other_global_crop_counts(n_global, ncrops):
     k, b = 29, 3
     ours = DINOLoss(k, ncrops, n_global_crops=n_global).double()
-    official = OfficialDINOLossV1(k, ncrops, 0.04, 0.04, 0, 100, n_global=n_global)
+    reference = DinoV1Reference(k, ncrops, 0.04, n_global=n_global)
     for _ in range(2):
         student = torch.randn(ncrops * b, k, dtype=torch.float64)
         teacher = teacher_logits(n_global * b, k)
-        expected, expected_grad = loss_and_grad(official, student, teacher, 0)
+        expected, expected_grad = loss_and_grad(reference, student, teacher, 0)
         loss, grad = loss_and_grad(ours, student, teacher, 0)
         close(loss, expected, torch.float64)
         close(grad, expected_grad, torch.float64)
-        close(ours.center, official.center, torch.float64)
+        close(ours.center, reference.center, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ncrops", [2, 4, 10])
-def test_dino_loss_sinkhorn_knopp_matches_official(ncrops, dtype):
+def test_dino_loss_sinkhorn_knopp_matches_reference(ncrops, dtype):
     """centering="sinkhorn_knopp": DINOv2's SK targets over the 2B teacher rows, v1's cross-view loss; the
     center stays zero."""
     k, b, temp = 45, 6, 0.05
     ours = new_dino(k, ncrops, dtype, teacher_temp=temp, centering="sinkhorn_knopp")
-    official_v2 = OfficialDINOLossV2(k)
     for iters in (3,):
         student = (torch.randn(ncrops * b, k, dtype=torch.float64) * 2).to(dtype).double()
         teacher = teacher_logits(2 * b, k).to(dtype).double()
-        targets = official_v2.sinkhorn_knopp_teacher(teacher, temp, iters)
+        targets = sinkhorn_targets(teacher, temp, iters)
         expected, expected_grad = loss_and_grad(
-            lambda s: official_v1_cross_view((s / 0.1).chunk(ncrops), targets.chunk(2)), student)
+            lambda s: cross_view_cross_entropy(s.view(ncrops, b, k), targets.view(2, b, k)), student)
         loss, grad = loss_and_grad(ours, student.to(dtype), teacher.to(dtype))
         close(loss, expected, dtype)
         close(grad, expected_grad, dtype)
@@ -442,32 +193,32 @@ def test_dino_loss_sinkhorn_iterations(iters):
     ours = DINOLoss(k, 3, teacher_temp=temp, centering="sinkhorn_knopp", sinkhorn_iterations=iters).double()
     teacher = teacher_logits(2 * b, k)
     student = torch.randn(3 * b, k, dtype=torch.float64)
-    targets = OfficialDINOLossV2(k).sinkhorn_knopp_teacher(teacher, temp, iters)
-    expected = official_v1_cross_view((student / 0.1).chunk(3), targets.chunk(2))
+    targets = sinkhorn_targets(teacher, temp, iters)
+    expected = cross_view_cross_entropy(student.view(3, b, k), targets.view(2, b, k))
     close(ours(student, teacher), expected, torch.float64)
     close(ours.sinkhorn_knopp_teacher(teacher, temp), targets, torch.float64)
     close(ours.sinkhorn_knopp_teacher(teacher, temp, n_iterations=iters + 1),
-          OfficialDINOLossV2(k).sinkhorn_knopp_teacher(teacher, temp, iters + 1), torch.float64)
+          sinkhorn_targets(teacher, temp, iters + 1), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dino_loss_dinov2_teacher_api_matches_official(dtype):
-    """softmax_center_teacher then update_center, step after step (DINOv2's trainer order), against DINOv2's
-    asynchronous center; also (…, K) input to softmax_center_teacher."""
+def test_dino_loss_dinov2_teacher_api_matches_reference(dtype):
+    """softmax_center_teacher then update_center, step after step (DINOv2's trainer order): DINOv2's asynchronous
+    center update is applied before the next targets (SPEC §3.2), so each step's targets use the center of all
+    earlier steps; also (…, K) input to softmax_center_teacher."""
     k, b = 70, 5
     ours = new_dino(k, 4, dtype)
-    official = OfficialDINOLossV2(k)
+    center = torch.zeros(1, k, dtype=torch.float64)
     for temp in (0.04, 0.05, 0.07):
         teacher = teacher_logits(2 * b, k).to(dtype).double()
-        expected = official.softmax_center_teacher(teacher, temp)
+        expected = centered_targets(teacher, center, temp)
         probs = ours.softmax_center_teacher(teacher.to(dtype), temp)
         assert probs.shape == (2 * b, k) and probs.dtype == dtype
         close(probs, expected, dtype)
         close(ours.softmax_center_teacher(teacher.to(dtype).view(2, b, k), temp), expected.view(2, b, k), dtype)
-        official.update_center(teacher)
+        center = center_after(center, teacher)
         ours.update_center(teacher.to(dtype))
-        official.apply_center_update()
-        close(ours.center, official.center, dtype)
+        close(ours.center, center, dtype)
 
 
 def test_dino_loss_forward_equals_teacher_api_composition():
@@ -478,18 +229,19 @@ def test_dino_loss_forward_equals_teacher_api_composition():
         student = torch.randn(ncrops * b, k, dtype=torch.float64)
         teacher = teacher_logits(2 * b, k)
         probs = c.softmax_center_teacher(teacher, 0.04)
-        expected = official_v1_cross_view((student / 0.1).chunk(ncrops), probs.chunk(2))
+        expected = cross_view_cross_entropy(student.view(ncrops, b, k), probs.view(2, b, k))
         c.update_center(teacher)
         close(a(student, teacher), expected, torch.float64)
         close(a.center, c.center, torch.float64)
 
 
 def test_dino_loss_loads_official_state_dict():
-    official = OfficialDINOLossV1(16, 4, 0.04, 0.04, 0, 100)
-    official.center = teacher_logits(1, 16).float()
+    # The official loss object's state: one float32 buffer "center" of shape (1, K) (SPEC §2.1, §2.6).
+    official = {"center": teacher_logits(1, 16).float()}
     ours = DINOLoss(16, 4)
-    ours.load_state_dict(official.state_dict())
-    assert torch.equal(ours.center, official.center)
+    assert {k: (v.shape, v.dtype) for k, v in ours.state_dict().items()} == {"center": ((1, 16), torch.float32)}
+    ours.load_state_dict(official)
+    assert torch.equal(ours.center, official["center"])
 
 
 def test_dino_loss_module_exported():
@@ -577,10 +329,8 @@ def test_ibot_forward_masked_default_weights(n_images, n_patches, k, dtype):
     m = int(masks.sum())
     student = (torch.randn(m, k, dtype=torch.float64) * 2).to(dtype).double()
     teacher = targets(m, k).to(dtype).double()
-    official = OfficialiBOTPatchLoss(k)
     ours = new_ibot(k, dtype)
-    with float64_default():
-        expected, expected_grad = loss_and_grad(official.forward_masked, student, teacher, masks)
+    expected, expected_grad = loss_and_grad(ibot_masked_loss, student, teacher, masks)
     loss, grad = loss_and_grad(ours.forward_masked, student.to(dtype), teacher.to(dtype), masks)
     assert loss.shape == () and loss.dtype == dtype
     close(loss, expected, dtype)
@@ -597,13 +347,12 @@ def test_ibot_forward_masked_upperbound_buffer_and_weights(dtype):
     upper = m + 7
     student = torch.randn(upper, k, dtype=torch.float64).to(dtype).double()
     teacher = targets(upper, k).to(dtype).double()
-    collate_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-    official = OfficialiBOTPatchLoss(k)
+    collate_weight = masked_token_weights(masks).float()  # as the collate function hands them over
     ours = new_ibot(k, dtype)
     for weight, n_masked in ((collate_weight, m), (torch.rand(m, dtype=torch.float64) + 0.1, m),
                              (collate_weight[:m - 3], m - 3), (collate_weight[:m - 3], torch.tensor(m - 3))):
-        expected, expected_grad = loss_and_grad(official.forward_masked, student, teacher, masks,
-                                                n_masked_patches=n_masked, masks_weight=weight)
+        expected, expected_grad = loss_and_grad(ibot_masked_loss, student, teacher, masks,
+                                                n_masked=n_masked, weights=weight)
         loss, grad = loss_and_grad(ours.forward_masked, student.to(dtype), teacher.to(dtype), masks,
                                    n_masked_patches=n_masked, masks_weight=weight.to(dtype))
         close(loss, expected, dtype)
@@ -612,15 +361,13 @@ def test_ibot_forward_masked_upperbound_buffer_and_weights(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ibot_dense_forward_matches_official(dtype):
+def test_ibot_dense_forward_matches_reference(dtype):
     n_images, n_patches, k = 5, 12, 21
     masks = random_masks(n_images, n_patches)
     student = torch.randn(n_images, n_patches, k, dtype=torch.float64).to(dtype).double()
     teacher = targets(n_images * n_patches, k).to(dtype).double().view(n_images, n_patches, k)
-    official = OfficialiBOTPatchLoss(k)
     ours = new_ibot(k, dtype)
-    with float64_default():
-        expected, expected_grad = loss_and_grad(official, student, teacher, masks)
+    expected, expected_grad = loss_and_grad(ibot_dense_loss, student, teacher, masks)
     loss, grad = loss_and_grad(ours, student.to(dtype), teacher.to(dtype), masks)
     close(loss, expected, dtype)
     close(grad, expected_grad, dtype)
@@ -628,48 +375,47 @@ def test_ibot_dense_forward_matches_official(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ibot_center_and_targets_over_steps(dtype):
-    """DINOv2's trainer order, with its exact call shapes for the official module: targets from
-    softmax_center_teacher, then update_center on the raw masked tokens; three steps with varying token counts."""
+    """DINOv2's trainer order: targets from softmax_center_teacher, then update_center on the raw masked tokens
+    (the asynchronous update lands before the next targets, SPEC §3.4); three steps with varying token counts,
+    as (n, K) and as the trainer's (1, n, K) view."""
     k = 55
-    official = OfficialiBOTPatchLoss(k)
+    center = torch.zeros(1, 1, k, dtype=torch.float64)
     ours = new_ibot(k, dtype)
     ours_3d = new_ibot(k, dtype)
     assert ours.center.shape == (1, 1, k) and ours.center.dtype == dtype and not ours.center.any()
     for n, temp in ((13, 0.04), (30, 0.06), (7, 0.07)):
         raw = teacher_logits(n, k).to(dtype).double().unsqueeze(0)  # the trainer's (1, n, K) view
-        expected = official.softmax_center_teacher(raw[:, :n], temp).squeeze(0)
-        official.update_center(raw[:n])
+        expected = centered_targets(raw[0], center, temp)
+        center = patch_center_after(center, raw)
         probs = ours.softmax_center_teacher(raw[0].to(dtype), temp)
         assert probs.shape == (n, k) and probs.dtype == dtype
         close(probs, expected, dtype)
         close(ours_3d.softmax_center_teacher(raw.to(dtype), temp), expected.unsqueeze(0), dtype)
         ours.update_center(raw[0].to(dtype))
         ours_3d.update_center(raw.to(dtype))
-        official.apply_center_update()
-        close(ours.center, official.center, dtype)
-        close(ours_3d.center, official.center, dtype)
+        close(ours.center, center, dtype)
+        close(ours_3d.center, center, dtype)
 
 
 def test_ibot_center_with_several_leading_entries():
-    """(b, n, K) update as the official code computes it: mean over n per entry, then mean over b."""
+    """(b, n, K) update: mean over n per entry, then mean over b (SPEC §3.4)."""
     k = 9
     raw = teacher_logits(12, k).view(3, 4, k)
-    official, ours = OfficialiBOTPatchLoss(k), iBOTPatchLoss(k, center_momentum=0.7).double()
-    official.center_momentum = 0.7
-    official.update_center(raw)
-    official.apply_center_update()
+    ours = iBOTPatchLoss(k, center_momentum=0.7).double()
     ours.update_center(raw)
-    close(ours.center, official.center, torch.float64)
+    expected = patch_center_after(torch.zeros(1, 1, k, dtype=torch.float64), raw, momentum=0.7)
+    close(ours.center, expected, torch.float64)
+    close(ours.center, 0.3 * raw.mean(dim=(0, 1)).view(1, 1, k), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("iters", [1, 3])
 def test_ibot_sinkhorn_knopp_teacher_single_process(iters, dtype):
-    """Works without torch.distributed (the official one needs it), equals the official iterations."""
+    """Works without torch.distributed (the published iBOT one does not: SPEC §3.3, iBOT SK bug), equals the
+    plain iterations."""
     n, k, temp = 37, 64, 0.05
     teacher = teacher_logits(n, k).to(dtype).double()
-    expected = OfficialiBOTPatchLoss(k).sinkhorn_knopp_teacher(teacher, temp, torch.tensor(float(n)),
-                                                               n_iterations=iters)
+    expected = sinkhorn_targets(teacher, temp, n_iterations=iters)
     ours = new_ibot(k, dtype)
     got = ours.sinkhorn_knopp_teacher(teacher.to(dtype), temp, n_iterations=iters,
                                       n_masked_patches_tensor=torch.tensor([n]))
@@ -681,11 +427,12 @@ def test_ibot_sinkhorn_knopp_teacher_single_process(iters, dtype):
 
 
 def test_ibot_state_dict_is_official():
-    official = OfficialiBOTPatchLoss(12)
-    official.center = teacher_logits(1, 12).view(1, 1, 12).float()
+    # The official iBOT loss state: one float32 buffer "center" of shape (1, 1, K) (SPEC §3.4).
+    official = {"center": teacher_logits(1, 12).view(1, 1, 12).float()}
     ours = iBOTPatchLoss(12)
-    ours.load_state_dict(official.state_dict())
-    assert torch.equal(ours.center, official.center)
+    assert {k: (v.shape, v.dtype) for k, v in ours.state_dict().items()} == {"center": ((1, 1, 12), torch.float32)}
+    ours.load_state_dict(official)
+    assert torch.equal(ours.center, official["center"])
 
 
 def test_ibot_bad_inputs():
@@ -728,16 +475,16 @@ def test_ibot_bad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b,d", [(2, 8), (16, 384), (65, 33)])
-def test_koleo_matches_official(b, d, dtype):
+def test_koleo_matches_reference(b, d, dtype):
     x = torch.randn(b, d, dtype=torch.float64).to(dtype).double()
-    expected, expected_grad = loss_and_grad(OfficialKoLeoLoss(), x)
+    expected, expected_grad = loss_and_grad(koleo_reference, x)
     ours = KoLeoLoss()
     assert not list(ours.parameters()) and not list(ours.buffers())
     loss, grad = loss_and_grad(ours, x.to(dtype))
     assert loss.shape == () and loss.dtype == dtype
     close(loss, expected, dtype)
     close(grad, expected_grad, dtype)
-    close(ours(x.to(dtype), eps=1e-6), OfficialKoLeoLoss()(x, eps=1e-6), dtype)
+    close(ours(x.to(dtype), eps=1e-6), koleo_reference(x, eps=1e-6), dtype)
 
 
 def test_koleo_bad_input():

@@ -1,79 +1,73 @@
-"""dinokernels.layers.MSDeformAttn against the official Deformable-DETR module (written out below, with the
-official pure-PyTorch core in place of the CUDA function): parameter names and shapes, initialisation, outputs and
-gradients for point and box references, the value padding mask."""
+"""dinokernels.layers.MSDeformAttn against a reference module written here from SPEC §4.3 (locations from reference
+points plus offsets, softmax over the L·P samples of each head, the grid_sample core ms_deform_attn_ref): parameter
+names and shapes, the published initialisation, outputs and gradients for point and box references, the value
+padding mask."""
 import math
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dinokernels.layers import MSDeformAttn
 from dinokernels.ops import ms_deform_attn_ref
 
+def official_state_shapes(d_model=256, n_levels=4, n_heads=8, n_points=4):
+    """The published module's state dict, in registration order: SPEC §4.3's layers, C = d_model, M·L·P samples."""
+    samples = n_heads * n_levels * n_points
+    return {"sampling_offsets.weight": (samples * 2, d_model), "sampling_offsets.bias": (samples * 2,),
+            "attention_weights.weight": (samples, d_model), "attention_weights.bias": (samples,),
+            "value_proj.weight": (d_model, d_model), "value_proj.bias": (d_model,),
+            "output_proj.weight": (d_model, d_model), "output_proj.bias": (d_model,)}
 
-class OfficialMSDeformAttn(nn.Module):
-    """fundamentalvision/Deformable-DETR models/ops/modules/ms_deform_attn.py, with MSDeformAttnFunction replaced by
-    ms_deform_attn_core_pytorch (ms_deform_attn_ref) and the power-of-2 warning dropped."""
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+def official_offset_bias(n_heads, n_levels, n_points):
+    """The published sampling-offset bias (SPEC §4.3), (M·L·P·2,) float32: head m points along θ_m = 2πm/M,
+    scaled so that its larger |component| is 1, times (i + 1) for point i, the same on every level. The published
+    initialisation evaluates it in float32 (θ_m = m·float32(2π/M), cos and sin in float32), which sets the last
+    bits, e.g. cos θ ≈ −4.4e-8 rather than 0 at θ = π/2."""
+    theta = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    direction = torch.stack((torch.cos(theta), torch.sin(theta)), dim=1)  # (M, 2)
+    direction = direction / direction.abs().amax(dim=1, keepdim=True)
+    scale = torch.arange(1, n_points + 1, dtype=torch.float32)  # (P,)
+    bias = direction[:, None, None, :] * scale[None, None, :, None]  # (M, 1, P, 2)
+    return bias.expand(n_heads, n_levels, n_points, 2).reshape(-1)
+
+
+class ReferenceMSDeformAttn(nn.Module):
+    """SPEC §4.3's module, written here (weights are loaded from the module under test): value_proj with padded
+    positions zeroed → (N, S, M, D); per query the offsets (M, L, P, 2) and the attention logits, softmaxed over
+    the L·P samples of each head; locations ref + offset/(W_l, H_l) for points, ref_xy + offset/P·ref_wh·0.5 for
+    boxes; ms_deform_attn_ref; output_proj."""
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
         super().__init__()
-        self.im2col_step = 64
-        self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.shape = (n_heads, n_levels, n_points)
+        samples = n_heads * n_levels * n_points
+        self.sampling_offsets = nn.Linear(d_model, samples * 2)
+        self.attention_weights = nn.Linear(d_model, samples)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        nn.init.constant_(self.sampling_offsets.weight.data, 0.)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid_init = (grid_init / grid_init.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2).repeat(
-            1, self.n_levels, self.n_points, 1)
-        for i in range(self.n_points):
-            grid_init[:, :, i, :] *= i + 1
-        with torch.no_grad():
-            self.sampling_offsets.bias = nn.Parameter(grid_init.view(-1))
-        nn.init.constant_(self.attention_weights.weight.data, 0.)
-        nn.init.constant_(self.attention_weights.bias.data, 0.)
-        nn.init.xavier_uniform_(self.value_proj.weight.data)
-        nn.init.constant_(self.value_proj.bias.data, 0.)
-        nn.init.xavier_uniform_(self.output_proj.weight.data)
-        nn.init.constant_(self.output_proj.bias.data, 0.)
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
                 input_padding_mask=None):
-        N, Len_q, _ = query.shape
-        N, Len_in, _ = input_flatten.shape
-        assert (input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum() == Len_in
+        m, levels, points = self.shape
+        n, lq, c = query.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], float(0))
-        value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
-        sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
-        attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels,
-                                                                  self.n_points)
+            value = torch.where(input_padding_mask[..., None], torch.zeros_like(value), value)
+        value = value.reshape(n, -1, m, c // m)
+        offsets = self.sampling_offsets(query).reshape(n, lq, m, levels, points, 2)
+        logits = self.attention_weights(query).reshape(n, lq, m, levels * points)
+        weights = torch.softmax(logits, dim=-1).reshape(n, lq, m, levels, points)
+        ref = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2 or 4)
         if reference_points.shape[-1] == 2:
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            sampling_locations = reference_points[:, :, None, :, None, :] \
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            sampling_locations = reference_points[:, :, None, :, None, :2] \
-                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            width_height = input_spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) = (W_l, H_l)
+            locations = ref + offsets / width_height[:, None, :]
         else:
-            raise ValueError(
-                'Last dim of reference_points must be 2 or 4, but get {} instead.'.format(reference_points.shape[-1]))
-        output = ms_deform_attn_ref(value, input_spatial_shapes, input_level_start_index, sampling_locations,
-                                    attention_weights)
-        output = self.output_proj(output)
-        return output
+            locations = ref[..., :2] + offsets * ref[..., 2:] * (0.5 / points)
+        out = ms_deform_attn_ref(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        return self.output_proj(out)
 
 
 HW = [(6, 9), (3, 5), (2, 3), (1, 1)]
@@ -86,15 +80,15 @@ def level_tables(hw=HW):
 
 
 def perturbed_pair(d_model=32, n_levels=4, n_heads=4, n_points=3, dtype=torch.float64):
-    """Our module and the official one with the same random (non-initial) weights, so attention is not uniform
+    """Our module and the reference with the same random (non-initial) weights, so attention is not uniform
     and offsets depend on the query."""
     ours = MSDeformAttn(d_model, n_levels, n_heads, n_points).to(dtype)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    official = OfficialMSDeformAttn(d_model, n_levels, n_heads, n_points).to(dtype)
-    official.load_state_dict(ours.state_dict(), strict=True)
-    return ours, official
+    reference = ReferenceMSDeformAttn(d_model, n_levels, n_heads, n_points).to(dtype)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    return ours, reference
 
 
 def inputs(n=2, lq=11, d_model=32, ref_dim=2, dtype=torch.float64, hw=HW):
@@ -109,20 +103,28 @@ def inputs(n=2, lq=11, d_model=32, ref_dim=2, dtype=torch.float64, hw=HW):
 
 
 def test_parameter_names_shapes_and_defaults_match_official():
-    ours, official = MSDeformAttn(), OfficialMSDeformAttn()
+    ours = MSDeformAttn()
     mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in official.state_dict().items()}
+    theirs = official_state_shapes()
     assert mine == theirs
     assert list(mine) == list(theirs)
+    small = MSDeformAttn(32, 4, 4, 3)
+    assert {k: tuple(v.shape) for k, v in small.state_dict().items()} == official_state_shapes(32, 4, 4, 3)
     assert mine["sampling_offsets.weight"] == (256, 256) and mine["sampling_offsets.bias"] == (256,)
     assert mine["attention_weights.weight"] == (128, 256)
     assert (ours.d_model, ours.n_levels, ours.n_heads, ours.n_points, ours.im2col_step) == (256, 4, 8, 4, 64)
-    ours.load_state_dict(official.state_dict(), strict=True)
+    ours.load_state_dict({k: torch.zeros(v) for k, v in theirs.items()}, strict=True)
 
 
-def test_initialisation_matches_official():
-    ours, official = MSDeformAttn(256, 4, 8, 4), OfficialMSDeformAttn(256, 4, 8, 4)
-    torch.testing.assert_close(ours.sampling_offsets.bias, official.sampling_offsets.bias, rtol=0, atol=0)
+@pytest.mark.parametrize("n_heads,n_levels,n_points", [(8, 4, 4), (4, 4, 3), (6, 2, 5), (3, 1, 1)])
+def test_initialisation_matches_official(n_heads, n_levels, n_points):
+    ours = MSDeformAttn(8 * n_heads, n_levels, n_heads, n_points)
+    torch.testing.assert_close(ours.sampling_offsets.bias, official_offset_bias(n_heads, n_levels, n_points),
+                               rtol=0, atol=0)
+
+
+def test_initialisation_values():
+    ours = MSDeformAttn(256, 4, 8, 4)
     bias = ours.sampling_offsets.bias.view(8, 4, 4, 2)
     # Head m points along θ_m = 2πm/8, scaled so the larger |component| is 1, times (point index + 1).
     directions = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]],
@@ -139,18 +141,18 @@ def test_initialisation_matches_official():
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_official_module(ref_dim, masked):
-    ours, official = perturbed_pair()
+def test_matches_reference_module(ref_dim, masked):
+    ours, reference = perturbed_pair()
     query, ref, flat, shapes, starts = inputs(ref_dim=ref_dim)
     mask = torch.rand(flat.shape[:2]) < 0.3 if masked else None
     query.requires_grad_(True)
     flat.requires_grad_(True)
     out = ours(query, ref, flat, shapes, starts, mask)
-    want = official(query, ref, flat, shapes, starts, mask)
+    want = reference(query, ref, flat, shapes, starts, mask)
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
     g = torch.randn_like(out)
     got_grads = torch.autograd.grad(out, [query, flat, *ours.parameters()], g)
-    want_grads = torch.autograd.grad(want, [query, flat, *official.parameters()], g)
+    want_grads = torch.autograd.grad(want, [query, flat, *reference.parameters()], g)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
 

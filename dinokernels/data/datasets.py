@@ -7,12 +7,13 @@ augmentation).
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .imageio import to_rgb
 
 __all__ = ["ImageFolder", "DigitsDataset", "collate_multicrop", "DIGITS_MEAN", "DIGITS_STD",
            "ROOT_CLASS"]
@@ -37,10 +38,8 @@ def _open_rgb(path: str, full: bool = True) -> Image.Image:
         if not full:
             img.verify()
             return img
-        with warnings.catch_warnings():
-            # Palette images with transparency warn on conversion; harmless here.
-            warnings.simplefilter("ignore", UserWarning)
-            return img.convert("RGB")  # convert() forces the full decode while the file is open
+        img.load()  # the full decode, while the file is open
+        return to_rgb(img)  # 16-bit grey is scaled to 8 bits, not clipped to white
 
 
 class ImageFolder(torch.utils.data.Dataset):

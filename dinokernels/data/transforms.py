@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from .imageio import to_rgb
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataAugmentationDINO", "EvalTransform", "sample_crop_box",
            "resized_crop", "hflip", "color_jitter", "grayscale", "gaussian_blur", "solarize", "to_tensor",
            "normalize", "adjust_hue"]
@@ -47,7 +49,7 @@ _BICUBIC = Image.Resampling.BICUBIC
 def _rgb(img) -> Image.Image:
     if not isinstance(img, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(img).__name__}")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
 
 
 def sample_crop_box(width: int, height: int, scale: Sequence[float] = (0.08, 1.0),

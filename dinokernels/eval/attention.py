@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.imageio import open_rgb, to_rgb
+
 __all__ = ["cls_attention_maps", "colorize", "attention_grid", "visualize_attention"]
 
 # Viridis at 9 stops (matplotlib's default colour map, the one DINO's figures use), linearly interpolated.
@@ -105,10 +107,9 @@ def visualize_attention(model: nn.Module, image, out_path: str, image_size: Unio
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            pil = im.convert("RGB")
+        pil = open_rgb(image)
     else:
-        pil = image.convert("RGB")
+        pil = to_rgb(image)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     pil = pil.resize((size[1], size[0]), Image.BICUBIC)
     rgb = np.asarray(pil, dtype=np.uint8)

@@ -2,7 +2,9 @@
 layers → ops)."""
 from .dino_head import DINOHead, WeightNormLinear
 from .ms_deform_attn import MSDeformAttn
-from .vit import Attention, Block, DropPath, Mlp, PatchEmbed, drop_path
+from .vit import (Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed, SwiGLUFFN, drop_path,
+                  resize_patch_pos_embed, swiglu_hidden_features)
 
-__all__ = ["Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "drop_path", "DINOHead", "WeightNormLinear",
+__all__ = ["Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "SwiGLUFFN", "drop_path",
+           "swiglu_hidden_features", "resize_patch_pos_embed", "DINOHead", "WeightNormLinear",
            "MSDeformAttn"]

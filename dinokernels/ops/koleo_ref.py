@@ -1,12 +1,11 @@
 """Pure-PyTorch references for the KoLeo ops: the executable specification (SPEC §3.5), autograd for free.
 
-Only change from dinov2/loss/koleo_loss.py: the row itself is excluded with -inf rather than by filling the
-diagonal with -1, which differs only when every other similarity is ≤ -1 (antipodal rows in rounding).
+The row itself is excluded from its neighbour search with −inf (SPEC's statement sets the diagonal to −1, which
+differs only when every other similarity is ≤ −1: antipodal rows, in rounding).
 """
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import HALF_DTYPES
 
@@ -15,12 +14,13 @@ def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """x (B, D) → scalar: -mean_i log(‖x̂_i − x̂_nn(i) + 1e-8‖ + eps), x̂ = x / max(‖x‖, eps)."""
     if x.dtype in HALF_DTYPES:
         x = x.float()  # rows are normalised in float32
-    unit = F.normalize(x, p=2, dim=-1, eps=eps)
+    unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
     with torch.no_grad():
         sims = unit @ unit.T
         sims.fill_diagonal_(float("-inf"))
         nn_index = sims.argmax(dim=1)  # first maximal index on ties
-    dists = F.pairwise_distance(unit, unit[nn_index], p=2, eps=1e-8)
+    # The 1e-8 is added to the difference (SPEC's eps register) and does not follow eps.
+    dists = torch.linalg.vector_norm(unit - unit[nn_index] + 1e-8, dim=-1)
     return -torch.log(dists + eps).mean()
 
 

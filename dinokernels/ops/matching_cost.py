@@ -7,9 +7,9 @@ from torch import Tensor
 
 from .. import _ext
 from . import _dispatch as D
-from .matching_cost_ref import counts_tensor, matching_cost_official, matching_cost_ref
+from .matching_cost_ref import counts_tensor, matching_cost_flat, matching_cost_ref
 
-__all__ = ["matching_cost", "matching_cost_ref", "matching_cost_official"]
+__all__ = ["matching_cost", "matching_cost_ref", "matching_cost_flat"]
 
 
 @torch.library.custom_op("dinokernels::matching_cost", mutates_args=())

@@ -1,12 +1,12 @@
-"""Pure-PyTorch references for multi-scale deformable attention (SPEC §4).
+"""Pure-PyTorch references for multi-scale deformable attention (SPEC §4), written here from the math.
 
-ms_deform_attn_ref: Deformable-DETR's `ms_deform_attn_core_pytorch` (grid_sample, bilinear, zero padding,
-align_corners=False), the formulation every consumer falls back to. It materialises the sampled values,
-(N·M, D, Lq, P) per level.
+ms_deform_attn_ref: the grid_sample formulation of SPEC §4.2 (bilinear, zero padding, align_corners=False on the
+grid 2·loc − 1, per level over the value seen as (N·M, D, H_l, W_l)). It materialises the sampled values of one
+level, (N·M, D, Lq, P), at a time.
 
-ms_deform_attn_gather_ref: the official CUDA kernel's arithmetic written with gathers (SPEC §4.2), including its
-rule that a sample outside (−1, H) × (−1, W) in pixel units is skipped. It equals the grid_sample form everywhere
-except exactly on that boundary, where the location gradient of grid_sample is non-zero and the kernel's is zero.
+ms_deform_attn_gather_ref: SPEC §4.2's per-sample arithmetic written with gathers, including the rule that a
+sample outside (−1, H) × (−1, W) in pixel units is skipped. It equals the grid_sample form everywhere except
+exactly on that boundary, where the location gradient of grid_sample is non-zero and the skip rule's is zero.
 Autograd gives every gradient; float64-friendly; for tests.
 """
 import torch
@@ -22,33 +22,29 @@ def _level_sizes(spatial_shapes: Tensor):
 
 def ms_deform_attn_ref(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                        sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """value (N, S, M, D), spatial_shapes (L, 2) (H, W), level_start_index (L,) (unused: levels are contiguous),
+    """value (N, S, M, D), spatial_shapes (L, 2) (H, W), level_start_index (L,) (levels are read from it),
     sampling_locations (N, Lq, M, L, P, 2) normalised (x, y), attention_weights (N, Lq, M, L, P)
-    → (N, Lq, M·D). Deformable-DETR models/ops/functions/ms_deform_attn_func.py, ms_deform_attn_core_pytorch."""
-    del level_start_index
+    → (N, Lq, M·D): out[n, q, m] = Σ_{l,p} a[n, q, m, l, p] · bilinear(value level l, head m, loc[n, q, m, l, p])."""
     n, _, m, d = value.shape
-    _, lq, _, levels, points, _ = sampling_locations.shape
-    sizes = _level_sizes(spatial_shapes)
-    value_list = value.split([h * w for h, w in sizes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid, (h, w) in enumerate(sizes):
-        # N, H·W, M, D → N·M, D, H, W
-        value_l = value_list[lid].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-        # N, Lq, M, P, 2 → N·M, Lq, P, 2
-        grid_l = sampling_grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
-        # N·M, D, Lq, P
-        sampling_value_list.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
-                                                 align_corners=False))
-    # (N, Lq, M, L, P) → (N·M, 1, Lq, L·P)
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
-    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return output.transpose(1, 2).contiguous()
+    _, lq, _, _, points, _ = sampling_locations.shape
+    # Per head: (N·M, D, Lq) accumulated over levels.
+    out = value.new_zeros(n * m, d, lq)
+    starts = [int(x) for x in level_start_index.tolist()]
+    for level, (h, w) in enumerate(_level_sizes(spatial_shapes)):
+        rows = value[:, starts[level]:starts[level] + h * w]  # (N, H·W, M, D), row-major pixels
+        image = rows.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # grid_sample's grid is in [−1, 1], x first: (N·M, Lq, P, 2).
+        grid = (2 * sampling_locations[:, :, :, level] - 1).permute(0, 2, 1, 3, 4).reshape(n * m, lq, points, 2)
+        sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weights = attention_weights[:, :, :, level].permute(0, 2, 1, 3).reshape(n * m, 1, lq, points)
+        out = out + (sampled * weights).sum(dim=-1)  # (N·M, D, Lq)
+    return out.reshape(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
 
 
 def ms_deform_attn_gather_ref(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                               sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """Same contract as ms_deform_attn_ref; the official kernel's exact arithmetic (see the module docstring)."""
+    """Same contract as ms_deform_attn_ref; SPEC §4.2's per-sample arithmetic with its skip rule (see the module
+    docstring)."""
     n, s, m, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     v = value.permute(0, 2, 1, 3)  # N, M, S, D

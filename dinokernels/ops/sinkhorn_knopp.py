@@ -6,10 +6,10 @@ from torch import Tensor
 
 from .. import _config, _ext
 from . import _dispatch as D
-from .sinkhorn_knopp_ref import (combine_prototype_stats, distributed_world, sinkhorn_knopp_official,
+from .sinkhorn_knopp_ref import (combine_prototype_stats, distributed_world, sinkhorn_knopp_plain,
                                  sinkhorn_knopp_ref)
 
-__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_official"]
+__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_plain"]
 
 
 def _check(op, teacher_logits, teacher_temp, n_iterations):
@@ -93,8 +93,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     """DINOv2's Sinkhorn-Knopp centering of teacher logits (SPEC §3.3), numerically safe.
 
     teacher_logits (N, K) → targets (N, K), each row summing to 1; float32 (float64 for float64 input). Equal
-    to the official iterations wherever those are finite, and finite for any finite logits (the official
-    exp(z/τ) overflows once z/τ > 88.7): the iterations run in the log domain.
+    to the plain iterations (sinkhorn_knopp_plain) wherever those are finite, and finite for any finite logits
+    (the plain exp(z/τ) overflows once z/τ > 88.7): the iterations run in the log domain.
 
     When torch.distributed is initialised (and the group has more than one rank), the per-prototype sums are
     all-reduced over `process_group` (default: the world) between iterations and the sample count is the

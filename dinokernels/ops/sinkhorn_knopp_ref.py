@@ -1,14 +1,14 @@
 """Pure-PyTorch reference for sinkhorn_knopp (SPEC §3.3) in the log domain.
 
-The official iterations (dinov2/loss/dino_clstoken_loss.py) work on exp(z/τ) directly and overflow once
-z/τ > 88.7. Every official step is a row or column normalisation, so the result is
+The plain iterations (SPEC §3.3; sinkhorn_knopp_plain below) work on exp(z/τ) directly and overflow once
+z/τ > 88.7. Every plain step is a row or column normalisation, so the result is
 P_bk = exp(a_bk + α_k + β_b) with a = z/τ and per-prototype / per-sample log-scalings:
 
     α_k ← −LSE_b(a_bk + β_b)   (sum over all samples of all ranks)
     β_b ← −LSE_k(a_bk + α_k)
 
-starting from β = 0. The official global normalisation and the /K, /B_g factors are uniform scalings that the
-next normalisation cancels, so this equals the official result wherever that is finite, and it is finite for
+starting from β = 0. The plain form's global normalisation and its /K, /B_g factors are uniform scalings that the
+next normalisation cancels, so this equals the plain result wherever that is finite, and it is finite for
 any finite logits. Across ranks, LSE_b is formed from per-rank (max, Σexp) pairs: an all-reduce MAX of the
 maxima, then an all-reduce SUM of the rescaled sums.
 """
@@ -64,26 +64,30 @@ def sinkhorn_knopp_ref(teacher_logits: Tensor, teacher_temp: float, n_iterations
     return torch.exp(a + alpha + beta)
 
 
-def sinkhorn_knopp_official(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
-                            process_group=None) -> Tensor:
-    """The official iterations verbatim (dinov2 SinkhornKnopp teacher, CLS version; float32, overflows for
-    z/τ > 88.7): kept for tests and benchmarks, not used by the ops."""
+def sinkhorn_knopp_plain(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
+                         process_group=None) -> Tensor:
+    """teacher_logits (N, K) → (N, K): SPEC §3.3 step by step on P = exp(z/τ) itself, with no max subtraction, so
+    it overflows (inf, then NaN) once z/τ > 88.72 in float32 (≈ 709.78 in float64), as the published teacher does.
+    Written here from the math to pin that behaviour and to benchmark the plain form; not used by the ops.
+    Arithmetic in float32 (float64 for float64 input). Across ranks the grand total and the per-prototype sums
+    are all-reduced, the per-sample sums are local, and B_g is the total row count."""
     dist = torch.distributed
     group = distributed_world(process_group)
     compute = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
-    q = torch.exp(teacher_logits.detach().to(compute) / teacher_temp).t()  # (K, N)
-    n_samples = torch.tensor(float(q.shape[1]), dtype=compute, device=q.device)
+    plan = torch.exp(teacher_logits.detach().to(compute) / teacher_temp)  # (N, K): samples × prototypes
+    n_prototypes = plan.shape[1]
+    n_samples = torch.tensor(float(plan.shape[0]), dtype=compute, device=plan.device)
+    grand_total = plan.sum()
     if group is not None:
         dist.all_reduce(n_samples, group=group)
-    k = q.shape[0]
-    total = torch.sum(q)
-    if group is not None:
-        dist.all_reduce(total, group=group)
-    q = q / total
+        dist.all_reduce(grand_total, group=group)
+    plan = plan / grand_total
     for _ in range(n_iterations):
-        rows = torch.sum(q, dim=1, keepdim=True)
+        # Each prototype gets mass 1/K over all samples of all ranks ...
+        per_prototype = plan.sum(dim=0, keepdim=True)  # (1, K)
         if group is not None:
-            dist.all_reduce(rows, group=group)
-        q = q / rows / k
-        q = q / torch.sum(q, dim=0, keepdim=True) / n_samples
-    return (q * n_samples).t()
+            dist.all_reduce(per_prototype, group=group)
+        plan = plan / (per_prototype * n_prototypes)
+        # ... then each sample mass 1/B_g.
+        plan = plan / (plan.sum(dim=1, keepdim=True) * n_samples)
+    return plan * n_samples

@@ -176,12 +176,14 @@ def test_pos_embed_unchanged_when_tokens_match_and_square():
     assert m.interpolate_pos_encoding(x, 32, 32) is m.pos_embed
 
 
-def _official_interpolation(pos_embed, h0, w0):
-    """Transcription of facebookresearch/dino VisionTransformer.interpolate_pos_encoding for an h0 × w0 grid."""
-    N, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
-    p = pos_embed[:, 1:].reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2)
-    p = F.interpolate(p, scale_factor=((h0 + 0.1) / math.sqrt(N), (w0 + 0.1) / math.sqrt(N)), mode="bicubic")
-    return torch.cat((pos_embed[:, :1], p.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+def _interpolated_pos_embed(pos_embed, rows, cols):
+    """SPEC §2.2: the patch part of pos_embed (1, 1 + N, dim), a √N × √N grid, resized bicubic with scale_factor
+    ((rows + 0.1)/√N, (cols + 0.1)/√N); the CLS row is kept as is."""
+    cls_row, patches = pos_embed[:, :1], pos_embed[0, 1:]  # (1, 1, dim), (N, dim)
+    side = math.sqrt(patches.shape[0])
+    grid = patches.T.reshape(1, -1, int(side), int(side))  # (1, dim, √N, √N), row-major patches
+    resized = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    return torch.cat((cls_row, resized.flatten(2).transpose(1, 2)), dim=1)
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (32, 20), (12, 40), (48, 48), (32, 64)])
@@ -194,20 +196,20 @@ def test_pos_embed_interpolation(hw):
     tokens = torch.zeros(1, 1 + (h // 4) * (w // 4), m.embed_dim)
     pe = m.interpolate_pos_encoding(tokens, h, w)
     assert pe.shape == (1, 1 + (h // 4) * (w // 4), m.embed_dim)
-    assert torch.equal(pe, _official_interpolation(m.pos_embed, h // 4, w // 4))
+    assert torch.equal(pe, _interpolated_pos_embed(m.pos_embed, h // 4, w // 4))
     assert torch.equal(pe[:, 0], m.pos_embed[:, 0])
     rows = pe[0, 1:].reshape(h // 4, w // 4, -1)
     torch.testing.assert_close(rows, rows[:, :1].expand_as(rows), rtol=0, atol=1e-5)  # rows stay rows
 
 
 def _reference_forward(m: VisionTransformer, x):
-    """The official forward written out with explicit attention, from the model's own parameters."""
+    """The ViT forward of SPEC §2.2 written out with explicit attention, from the model's own parameters."""
     B, _, h, w = x.shape
     t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
     t = torch.cat((m.cls_token.expand(B, -1, -1), t), dim=1)
     p = m.patch_embed.patch_size
     same = t.shape[1] == m.pos_embed.shape[1] and h == w  # the official shortcut
-    t = t + (m.pos_embed if same else _official_interpolation(m.pos_embed, h // p, w // p))
+    t = t + (m.pos_embed if same else _interpolated_pos_embed(m.pos_embed, h // p, w // p))
     for blk in m.blocks:
         y = F.layer_norm(t, (m.embed_dim,), blk.norm1.weight, blk.norm1.bias, 1e-6)
         qkv = blk.attn.qkv(y).reshape(B, t.shape[1], 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)

@@ -6,14 +6,14 @@ import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from dinokernels.models.grounding_dino import HungarianMatcher
-from dinokernels.ops import matching_cost_official
+from dinokernels.ops import matching_cost_flat
 
 
 def detr_style_matcher(outputs, targets, **weights):
-    """Open-GroundingDino's HungarianMatcher.forward, in float64: per image the (n, m) cost matrix and scipy's
-    assignment on it."""
-    C = matching_cost_official(outputs["pred_logits"], outputs["pred_boxes"], targets, dtype=torch.float64,
-                               **weights)
+    """A matcher built the flattened way (matching_cost_flat, SPEC §6.2 Open-GD row), in float64: per image
+    its (n, m) block of the cost and scipy's assignment on it."""
+    C = matching_cost_flat(outputs["pred_logits"], outputs["pred_boxes"], targets, dtype=torch.float64,
+                             **weights)
     sizes = [len(v["boxes"]) for v in targets]
     blocks = [c[i].numpy() for i, c in enumerate(C.split(sizes, -1))]
     return blocks, [scipy_lsa(b) for b in blocks]
@@ -130,6 +130,42 @@ def test_bad_inputs():
     assert torch.equal(tgt_boxes[1, :2], targets[1]["boxes"].double())
     with pytest.raises(ValueError, match="all costs are 0"):
         HungarianMatcher(0, 0, 0)
+
+
+def test_bad_targets_name_the_target_and_argument():
+    outputs, targets = make_batch(2, 10, 4, [1, 3])
+    matcher = HungarianMatcher()
+    label_map = torch.eye(5, 4)  # 5 classes over 4 tokens
+
+    def with_second(**fields):
+        second = {"boxes": targets[1]["boxes"], **fields}
+        return [targets[0], second]
+
+    labels = torch.tensor([0, 1, 2])
+    # Correct labels work; each bad one is a ValueError naming target 1, the argument and the expectation.
+    assert len(matcher(outputs, [dict(targets[0]), {"boxes": targets[1]["boxes"], "labels": labels}],
+                       label_map=label_map)) == 2
+    for bad, match in [(torch.tensor([0, -1, 2]), r"target 1's 'labels' must be in \[0, 5\).*label 1 is -1"),
+                       (torch.tensor([0, 7, 2]), r"target 1's 'labels' must be in \[0, 5\).*label 1 is 7"),
+                       (torch.tensor([0.0, 1.7, 2.0]), r"target 1's 'labels' must be integer"),
+                       (torch.tensor([0, 1]), r"target 1's 'labels' must be \(3,\)")]:
+        with pytest.raises(ValueError, match=match):
+            matcher(outputs, [targets[0], {"boxes": targets[1]["boxes"], "labels": bad}], label_map=label_map)
+    boxes = targets[1]["boxes"]
+    nan_boxes = boxes.clone()
+    nan_boxes[2, 1] = float("nan")
+    for bad, match in [(nan_boxes, r"target 1's 'boxes' must be finite.*box 2"),
+                       (torch.rand(3, 5), r"target 1's 'boxes' must be \(G, 4\).*\(3, 5\)"),
+                       (boxes.reshape(-1), r"target 1's 'boxes' must be \(G, 4\).*\(12,\)"),
+                       (boxes * torch.tensor([1.0, 1.0, -1.0, 1.0]), r"target 1's 'boxes'.*w, h >= 0.*box 0")]:
+        with pytest.raises(ValueError, match=match):
+            matcher(outputs, with_second(boxes=bad, positive_map=targets[1]["positive_map"]))
+    with pytest.raises(ValueError, match="label_map must be a"):
+        matcher(outputs, [{"boxes": t["boxes"], "labels": torch.zeros(len(t["boxes"]), dtype=torch.long)}
+                          for t in targets], label_map=torch.ones(5))
+    # An image without targets may come as an empty 1-D tensor.
+    empty = [{"boxes": torch.zeros(0), "positive_map": torch.zeros(0, 4)}, targets[1]]
+    assert [len(r) for r, _ in matcher(outputs, empty)] == [0, 3]
 
 
 @pytest.mark.cuda

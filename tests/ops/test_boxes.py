@@ -1,4 +1,4 @@
-"""box_iou and generalized_box_iou against a float64 transcription of torchvision's formulas (pair by pair),
+"""box_iou and generalized_box_iou against SPEC §6.1's formulas evaluated pair by pair in float64 (no eps),
 batched broadcasting, degenerate boxes (finite, with the documented 0/0 := 0), gradients, bad inputs."""
 import pytest
 import torch
@@ -7,8 +7,8 @@ from dinokernels.ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 
 
 def torchvision_pair(a, b):
-    """torchvision.ops.box_iou / generalized_box_iou for one pair of xyxy boxes, in float64 Python scalars, with
-    0/0 := 0 where torchvision would give NaN."""
+    """IoU and GIoU (SPEC §6.1, torchvision's variant: no eps) for one pair of xyxy boxes, in float64 Python
+    scalars, with 0/0 := 0 where that variant would give NaN."""
     a, b = [float(v) for v in a], [float(v) for v in b]
     area_a = (a[2] - a[0]) * (a[3] - a[1])
     area_b = (b[2] - b[0]) * (b[3] - b[1])

@@ -1,73 +1,17 @@
-"""dino_loss and dino_loss_centered: kernels against the official DINO v1 loss written out here in float64 (loss and
-gradient), gradcheck, opcheck, torch.compile, non-contiguous and 16-bit input, bad input, and the CUDA kernels
-(marked `cuda`)."""
+"""dino_loss and dino_loss_centered: kernels against the DINO v1 loss of SPEC §2.1 evaluated in float64 by the oracles
+of tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, non-contiguous and 16-bit input, bad
+input, and the CUDA kernels (marked `cuda`)."""
 import math
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import dinokernels
 from dinokernels import _config
 from dinokernels.ops import dino_loss, dino_loss_centered, softmax_center
 from dinokernels.ops.dino_loss_ref import dino_loss_centered_ref, dino_loss_ref
 from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
-
-
-class OfficialDINOLoss(nn.Module):
-    """facebookresearch/dino main_dino.py DINOLoss as published, single process (no all-reduce in update_center),
-    with the per-epoch temperature schedule replaced by one temperature and chunk(2) by chunk(n_teacher)."""
-
-    def __init__(self, out_dim, ncrops, teacher_temp, student_temp=0.1, center_momentum=0.9, n_teacher=2,
-                 center=None):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.teacher_temp = teacher_temp
-        self.n_teacher = n_teacher
-        self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float64) if center is None
-                             else center.reshape(1, out_dim).double().clone())
-
-    def forward(self, student_output, teacher_output):
-        student_out = student_output / self.student_temp
-        student_out = student_out.chunk(self.ncrops)
-        teacher_out = F.softmax((teacher_output - self.center) / self.teacher_temp, dim=-1)
-        teacher_out = teacher_out.detach().chunk(self.n_teacher)
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output):
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        batch_center = batch_center / len(teacher_output)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def official_cross_view_loss(student, teacher_probs, student_temp):
-    """The loop of DINOLoss.forward on given targets, in float64: student (S, B, K), targets (T, B, K)."""
-    s, b, k = student.shape
-    student_out = (student.double().reshape(s * b, k) / student_temp).chunk(s)
-    teacher_out = teacher_probs.double().reshape(-1, k).detach().chunk(teacher_probs.shape[0])
-    total_loss, n_loss_terms = 0, 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(len(student_out)):
-            if v == iq:
-                continue
-            total_loss += torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
-            n_loss_terms += 1
-    return total_loss / n_loss_terms
+from ssl_references import DinoV1Reference, cross_view_cross_entropy
 
 
 def loss_and_grad(fn, x, *args, **kwargs):
@@ -136,10 +80,10 @@ def make_case(s, t, b, k, regime, dtype):
 
 
 @pytest.mark.parametrize("S,T,B,K,regime", CASES)
-def test_float64_matches_official(S, T, B, K, regime):
+def test_float64_matches_reference(S, T, B, K, regime):
     student, teacher, temp, amax = make_case(S, T, B, K, regime, torch.float64)
     loss, grad = loss_and_grad(dino_loss, student, teacher, temp)
-    loss_ref, grad_ref = loss_and_grad(official_cross_view_loss, student, teacher, temp)
+    loss_ref, grad_ref = loss_and_grad(cross_view_cross_entropy, student, teacher, temp)
     assert_matches(loss, grad, loss_ref, grad_ref, torch.float64, amax, grad_term_scale(student, teacher, temp))
 
 
@@ -147,7 +91,7 @@ def test_float64_matches_official(S, T, B, K, regime):
 def test_float32_matches_float64(S, T, B, K, regime):
     student, teacher, temp, amax = make_case(S, T, B, K, regime, torch.float32)
     loss, grad = loss_and_grad(dino_loss, student, teacher, temp)
-    loss_ref, grad_ref = loss_and_grad(official_cross_view_loss, student.double(), teacher.double(), temp)
+    loss_ref, grad_ref = loss_and_grad(cross_view_cross_entropy, student.double(), teacher.double(), temp)
     assert_matches(loss, grad, loss_ref, grad_ref, torch.float32, amax, grad_term_scale(student, teacher, temp))
 
 
@@ -169,21 +113,21 @@ def test_all_equal_logits_give_log_k():
 def test_student_default_temperature_is_0_1():
     student, teacher = torch.randn(3, 2, 9, dtype=torch.float64), teacher_probs_like(2, 2, 9)
     assert torch.equal(dino_loss(student, teacher), dino_loss(student, teacher, 0.1))
-    torch.testing.assert_close(dino_loss(student, teacher), official_cross_view_loss(student, teacher, 0.1),
+    torch.testing.assert_close(dino_loss(student, teacher), cross_view_cross_entropy(student, teacher, 0.1),
                                rtol=1e-12, atol=0)
 
 
-def test_unnormalised_targets_follow_the_official_formula():
-    # The official loss is Σ −p·log q for whatever p it gets. Targets rounded to bfloat16 (what a 16-bit teacher
-    # produces) or arbitrary non-negative weights do not sum to exactly 1 per row; a fused form that assumes
-    # they do would be off by (Σp − 1)·LSE.
+def test_unnormalised_targets_follow_the_formula():
+    # The loss of SPEC §2.1 is Σ −p·log q for whatever p it gets (the targets are not renormalised). Targets
+    # rounded to bfloat16 (what a 16-bit teacher produces) or arbitrary non-negative weights do not sum to exactly
+    # 1 per row; a fused form that assumes they do would be off by (Σp − 1)·LSE.
     S, T, B, K = 4, 2, 3, 500
     student = torch.randn(S, B, K, dtype=torch.float64) * 5
     for teacher in (teacher_probs_like(T, B, K, scale=0.3).bfloat16().double(),
                     torch.rand(T, B, K, dtype=torch.float64) * 2 / K):
         assert (teacher.sum(-1) - 1).abs().max() > 1e-4
         loss, grad = loss_and_grad(dino_loss, student, teacher, 0.1)
-        loss_ref, grad_ref = loss_and_grad(official_cross_view_loss, student, teacher, 0.1)
+        loss_ref, grad_ref = loss_and_grad(cross_view_cross_entropy, student, teacher, 0.1)
         assert_matches(loss, grad, loss_ref, grad_ref, torch.float64, student.abs().max().item() / 0.1,
                        grad_term_scale(student, teacher, 0.1))
 
@@ -272,7 +216,7 @@ def spaced_logits(rows, k, spacing):
     (10, 2, 3, 1000, 1.0, 0.04), (2, 2, 1, 7, 1.0, 0.07), (4, 1, 3, 4099, 30.0, 0.04),
     (4, 2, 2, 65537, 1.0, 0.04), (3, 2, 2, 33, 1e-4, 0.07), (3, 2, 2, 33, 1e4, 0.04), (2, 2, 3, 1, 1.0, 0.04),
 ])
-def test_centered_matches_official_dino_loss_and_center_update(S, T, B, K, t_scale, t_temp, dtype):
+def test_centered_matches_reference_dino_loss_and_center_update(S, T, B, K, t_scale, t_temp, dtype):
     student = (torch.randn(S, B, K, dtype=torch.float64) * 3).to(dtype)
     if t_scale >= 1e4:
         # Logits up to ±1e4 (exp would overflow 1e5 times over), 600 apart: the targets are exactly one-hot in
@@ -285,8 +229,8 @@ def test_centered_matches_official_dino_loss_and_center_update(S, T, B, K, t_sca
         center = (torch.randn(1, K, dtype=torch.float64) * t_scale * 0.5).to(dtype)
         # Gradient error grows with the student's logits/τ_s; the targets' with the teacher's (logit − c)/τ_t.
         amax = max(student.abs().max().item() / 0.1, (teacher - center).abs().max().item() / t_temp)
-    official = OfficialDINOLoss(K, S, t_temp, 0.1, n_teacher=T, center=center)
-    loss_ref, grad_ref = loss_and_grad(official, student.double().reshape(S * B, K), teacher.double().reshape(-1, K))
+    reference = DinoV1Reference(K, S, t_temp, n_global=T, center=center)
+    loss_ref, grad_ref = loss_and_grad(reference, student.double().reshape(S * B, K), teacher.double().reshape(-1, K))
     grad_ref = grad_ref.reshape(S, B, K)
     probs = torch.softmax((teacher.double() - center.double()) / t_temp, dim=-1)
     if t_scale >= 1e4:
@@ -303,13 +247,13 @@ def test_centered_matches_official_dino_loss_and_center_update(S, T, B, K, t_sca
     n_rows = T * B
     sum_atol = torch.finfo(dtype).eps * max(n_rows, 16) * teacher.double().abs().sum(dim=(0, 1)).max().item()
     torch.testing.assert_close(logit_sum.double(), teacher.double().sum(dim=(0, 1)), rtol=0, atol=sum_atol)
-    # The v1 update c ← 0.9c + 0.1·Σz/(T·B) from the returned sum reproduces the official buffer.
+    # The v1 update c ← 0.9c + 0.1·Σz/(T·B) from the returned sum reproduces the reference center.
     new_center = 0.9 * center.double().reshape(1, K) + 0.1 * logit_sum.double() / n_rows
-    torch.testing.assert_close(new_center, official.center, rtol=1e-12, atol=0.1 * sum_atol / n_rows + 1e-15)
+    torch.testing.assert_close(new_center, reference.center, rtol=1e-12, atol=0.1 * sum_atol / n_rows + 1e-15)
 
 
 # Large common offsets in the logits (DINO's center starts at 0; DINOv2's head norm g is trainable): the float32
-# kernels against PyTorch's own float32 evaluation of the official formula, both measured against float64.
+# kernels against PyTorch's own float32 evaluation of the formula, both measured against float64.
 # Targets computed by PyTorch are normalised (each row sums to 1 up to eps), so the teacher's offset costs it almost
 # nothing; a fused kernel should do as well. (A student offset of 1e3 at τ_s = 0.1 costs the kernel's gradient
 # ~eps·|z/τ_s| on the top entries, where PyTorch's is exact: up to ~30× PyTorch's error, within the generic
@@ -600,7 +544,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
     try:
         for s, t in cases:
             assert not torch.isfinite(dino_loss(s, t, 0.1))
-            assert not torch.isfinite(official_cross_view_loss(s, t, 0.1))
+            assert not torch.isfinite(cross_view_cross_entropy(s, t, 0.1))
         center = torch.zeros(20)
         center[7] = float("nan")
         assert not torch.isfinite(dino_loss_centered(student, torch.randn(2, 3, 20), center, 0.04))
@@ -620,7 +564,7 @@ def test_cuda_matches_float64(S, T, B, K, dtype):
     assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.is_cuda
     loss_t, grad_t = loss_and_grad(dino_loss_ref, student, teacher, 0.1)  # PyTorch in this precision
     student64, teacher64 = student.double().cpu(), teacher.double().cpu()
-    loss64, grad64 = loss_and_grad(official_cross_view_loss, student64, teacher64, 0.1)
+    loss64, grad64 = loss_and_grad(cross_view_cross_entropy, student64, teacher64, 0.1)
     floor = 8 * torch.finfo(torch.float32).eps * student64.abs().max().item() / 0.1
     assert_within_torch_error("loss", loss, loss_t, loss64, floor)
     assert_within_torch_error("grad", grad, grad_t, grad64, floor * grad_term_scale(student64, teacher64, 0.1))
@@ -628,7 +572,7 @@ def test_cuda_matches_float64(S, T, B, K, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-def test_cuda_centered_matches_official(dtype):
+def test_cuda_centered_matches_reference(dtype):
     S, T, B, K = 10, 2, 8, 65537
     student = (torch.randn(S, B, K) * 3).to(dtype).cuda()
     teacher = (torch.randn(T, B, K) * 2).to(dtype).cuda()
@@ -640,8 +584,8 @@ def test_cuda_centered_matches_official(dtype):
     s_t = student.clone().requires_grad_(True)
     loss_t, total_t = dino_loss_centered_ref(s_t, teacher, center, 0.04, 0.1, return_sum=True)
     (grad_t,) = torch.autograd.grad(loss_t, s_t)
-    official = OfficialDINOLoss(K, S, 0.04, 0.1, n_teacher=T, center=center.cpu())
-    loss64, grad64 = loss_and_grad(official, student.double().cpu().reshape(S * B, K),
+    reference = DinoV1Reference(K, S, 0.04, n_global=T, center=center.cpu())
+    loss64, grad64 = loss_and_grad(reference, student.double().cpu().reshape(S * B, K),
                                    teacher.double().cpu().reshape(T * B, K))
     student64, teacher64, center64 = student.double().cpu(), teacher.double().cpu(), center.double().cpu()
     probs64 = torch.softmax((teacher64 - center64) / 0.04, dim=-1)

@@ -1,34 +1,20 @@
-"""ibot_patch_loss: the kernel against the official DINOv2 iBOT masked-patch loss written out here in float64
-(loss and gradient), gradcheck, opcheck, torch.compile, empty and awkward inputs, bad input, and the CUDA kernel
-(marked `cuda`)."""
+"""ibot_patch_loss: the kernel against the iBOT masked-patch loss of SPEC §3.4 evaluated in float64 by the oracles of
+tests/ssl_references.py (loss and gradient), gradcheck, opcheck, torch.compile, empty and awkward inputs, bad input, and
+the CUDA kernel (marked `cuda`)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dinokernels
 from dinokernels import _config
 from dinokernels.ops import ibot_patch_loss
 from dinokernels.ops.ibot_patch_loss_ref import ibot_patch_loss_ref
 from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
+from ssl_references import ibot_masked_loss, masked_token_weights, token_cross_entropy
 
 
-def official_weighted_ce(student, teacher, weights, student_temp):
-    """Σ_j w_j·(−Σ_k t_jk·log_softmax(s_j/τ)_k) in float64: dinov2 iBOTPatchLoss.forward_masked's lossfunc
-    (torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)) times the weights, summed and negated."""
-    loss = torch.sum(teacher.double() * F.log_softmax(student.double() / student_temp, dim=-1), dim=-1)
-    return -(loss * weights.double()).sum()
-
-
-def official_forward_masked(student_masked, teacher_masked, student_masks_flat, student_temp):
-    """dinov2/loss/ibot_patch_loss.py iBOTPatchLoss.forward_masked as published (masks_weight=None,
-    n_masked_patches=None), in float64."""
-    t = teacher_masked.double()
-    s = student_masked.double()
-    loss = torch.sum(t * F.log_softmax(s / student_temp, dim=-1), dim=-1)
-    masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-                    .expand_as(student_masks_flat)[student_masks_flat]).double()
-    loss = loss * masks_weight
-    return -loss.sum() / student_masks_flat.shape[0]
+def weighted_token_ce(student, teacher, weights, student_temp):
+    """Σ_j w_j·(−Σ_k t_jk·log_softmax(s_j/τ)_k) in float64 (SPEC §3.4 before the division by the image count)."""
+    return (weights.double() * token_cross_entropy(student, teacher, student_temp)).sum()
 
 
 def loss_and_grad(fn, x, *args, **kwargs):
@@ -80,10 +66,10 @@ def make_case(n, k, regime, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n,K,regime", [(n, k, r) for n, k in SHAPES for r in REGIMES if k < 65537 or r == "normal"])
-def test_matches_official(n, K, regime, dtype):
+def test_matches_reference(n, K, regime, dtype):
     student, teacher, weights, temp, amax = make_case(n, K, regime, dtype)
     loss, grad = loss_and_grad(ibot_patch_loss, student, teacher, weights, temp)
-    loss_ref, grad_ref = loss_and_grad(official_weighted_ce, student.double(), teacher, weights, temp)
+    loss_ref, grad_ref = loss_and_grad(weighted_token_ce, student.double(), teacher, weights, temp)
     assert_matches(loss, grad, loss_ref, grad_ref, dtype, amax, student, teacher, weights, temp)
 
 
@@ -97,9 +83,9 @@ def test_matches_dinov2_forward_masked_with_mask_weights(dtype):
     n = int(masks.sum())
     student = (torch.randn(n, K, dtype=torch.float64) * 2).to(dtype)
     teacher = targets(n, K, dtype)
-    weights = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks].to(dtype)
+    weights = masked_token_weights(masks).to(dtype)  # 1/max(n_i, 1) per masked token
     loss, grad = loss_and_grad(lambda s: ibot_patch_loss(s, teacher, weights, 0.1) / n_images, student)
-    loss_ref, grad_ref = loss_and_grad(official_forward_masked, student.double(), teacher, masks, 0.1)
+    loss_ref, grad_ref = loss_and_grad(ibot_masked_loss, student.double(), teacher, masks, student_temp=0.1)
     assert_matches(loss, grad, loss_ref, grad_ref, dtype, student.abs().max().item() / 0.1, student, teacher,
                    weights / n_images, 0.1)
 
@@ -120,21 +106,21 @@ def test_zero_and_negative_weights():
     weights = torch.randn(n, dtype=torch.float64)
     weights[[1, 5]] = 0.0
     loss, grad = loss_and_grad(ibot_patch_loss, student, teacher, weights, 0.1)
-    loss_ref, grad_ref = loss_and_grad(official_weighted_ce, student, teacher, weights, 0.1)
+    loss_ref, grad_ref = loss_and_grad(weighted_token_ce, student, teacher, weights, 0.1)
     assert_matches(loss, grad, loss_ref, grad_ref, torch.float64, student.abs().max().item() / 0.1, student,
                    teacher, weights, 0.1)
     assert not bool(grad[[1, 5]].any())
 
 
-def test_unnormalised_targets_follow_the_official_formula():
-    # Targets rounded to bfloat16 or arbitrary non-negative weights: Σ_k t_k ≠ 1, and the official loss is
+def test_unnormalised_targets_follow_the_formula():
+    # Targets rounded to bfloat16 or arbitrary non-negative weights: Σ_k t_k ≠ 1, and the loss of SPEC §3.4 is
     # still Σ −t·log q (a fused form assuming Σt = 1 would be off by (Σt − 1)·LSE).
     n, K = 9, 700
     student, weights = torch.randn(n, K, dtype=torch.float64) * 5, torch.rand(n, dtype=torch.float64)
     for teacher in (targets(n, K, scale=0.3).bfloat16().double(), torch.rand(n, K, dtype=torch.float64) * 2 / K):
         assert (teacher.sum(-1) - 1).abs().max() > 1e-4
         loss, grad = loss_and_grad(ibot_patch_loss, student, teacher, weights, 0.1)
-        loss_ref, grad_ref = loss_and_grad(official_weighted_ce, student, teacher, weights, 0.1)
+        loss_ref, grad_ref = loss_and_grad(weighted_token_ce, student, teacher, weights, 0.1)
         assert_matches(loss, grad, loss_ref, grad_ref, torch.float64, student.abs().max().item() / 0.1, student,
                        teacher, weights, 0.1)
 
@@ -289,7 +275,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
     try:
         for s, t, w in cases:
             assert not torch.isfinite(ibot_patch_loss(s, t, w, 0.1))
-            assert not torch.isfinite(official_weighted_ce(s, t, w, 0.1))
+            assert not torch.isfinite(weighted_token_ce(s, t, w, 0.1))
     finally:
         _config.set_check_finite(True)
 
@@ -307,7 +293,7 @@ def test_cuda_matches_float64(n, K, dtype):
     assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.is_cuda
     loss_t, grad_t = loss_and_grad(ibot_patch_loss_ref, student, teacher, weights, 0.1)  # PyTorch, this precision
     student64, teacher64, weights64 = student.double().cpu(), teacher.double().cpu(), weights.double().cpu()
-    loss64, grad64 = loss_and_grad(official_weighted_ce, student64, teacher64, weights64, 0.1)
+    loss64, grad64 = loss_and_grad(weighted_token_ce, student64, teacher64, weights64, 0.1)
     floor = 8 * torch.finfo(torch.float32).eps * student64.abs().max().item() / 0.1
     terms = weights64[:, None] * (teacher64.sum(-1, keepdim=True) * torch.softmax(student64 / 0.1, -1) + teacher64)
     assert_within_torch_error("loss", loss, loss_t, loss64, floor * weights64.sum().item())

@@ -1,39 +1,19 @@
-"""koleo_loss and nearest_neighbors: kernels against float64 references, the official DINOv2 formula,
+"""koleo_loss and nearest_neighbors: kernels against float64 references, the DINOv2 formula of SPEC §3.5
+(tests/ssl_references.py),
 gradcheck, opcheck, torch.compile, awkward and bad inputs, and the CUDA kernels (marked `cuda`)."""
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import dinokernels
 from dinokernels import _config, _ext
 from dinokernels.ops import koleo_loss, koleo_loss_ref, nearest_neighbors, nearest_neighbors_ref
 from dinokernels.ops.koleo import koleo_backward, koleo_forward, nearest_neighbors_op
+from ssl_references import koleo_reference
 
 SHAPES = [(2, 8), (3, 5), (257, 33), (1024, 384)]
-
-
-class OfficialKoLeoLoss(nn.Module):
-    """dinov2/loss/koleo_loss.py as published (minus the autocast guard): the outside world's definition."""
-
-    def __init__(self):
-        super().__init__()
-        self.pdist = nn.PairwiseDistance(2, eps=1e-8)
-
-    def pairwise_NNs_inner(self, x):
-        dots = torch.mm(x, x.t())
-        n = x.shape[0]
-        dots.view(-1)[:: (n + 1)].fill_(-1)
-        _, indices = torch.max(dots, dim=1)
-        return indices
-
-    def forward(self, student_output, eps=1e-8):
-        student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
-        indices = self.pairwise_NNs_inner(student_output)
-        distances = self.pdist(student_output, student_output[indices])
-        return -torch.log(distances + eps).mean()
 
 
 def loss_and_grad(fn, x):
@@ -45,8 +25,8 @@ def loss_and_grad(fn, x):
 
 def koleo_with_index(x, nn_index, eps=1e-8):
     """The KoLeo formula with given neighbours, for comparing low-precision runs in float64."""
-    unit = F.normalize(x, p=2, dim=-1, eps=eps)
-    return -torch.log(F.pairwise_distance(unit, unit[nn_index], p=2, eps=1e-8) + eps).mean()
+    unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+    return -torch.log(torch.linalg.vector_norm(unit - unit[nn_index] + 1e-8, dim=-1) + eps).mean()
 
 
 def assert_is_nearest(x, y, index, exclude_self, tol):
@@ -91,12 +71,12 @@ def test_float32_matches_float64(B, D):
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-3, atol=1e-4 * grad64.abs().max().item())
 
 
-def test_matches_official_dinov2_formula():
-    official = OfficialKoLeoLoss()
+def test_matches_dinov2_formula():
+    reference = koleo_reference
     for B, D in [(64, 384), (7, 3), (200, 1024)]:
         x = torch.randn(B, D, dtype=torch.float64)
         loss, grad = loss_and_grad(koleo_loss, x)
-        loss_off, grad_off = loss_and_grad(official, x)
+        loss_off, grad_off = loss_and_grad(reference, x)
         torch.testing.assert_close(loss, loss_off, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, grad_off, rtol=1e-9, atol=1e-12 * grad_off.abs().max().item())
 

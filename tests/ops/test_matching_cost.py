@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_official, matching_cost_ref
+from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_flat, matching_cost_ref
 from dinokernels.ops.matching_cost import matching_cost_op
 
 
@@ -37,7 +37,7 @@ def test_matches_detr_style_flattened_cost():
     logits, pred, tgt, pmap, _ = make_inputs(B, Q, T, G, counts)
     out = matching_cost(logits, pred, tgt, pmap, counts, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
     targets = [{"boxes": tgt[b, :counts[b]], "positive_map": pmap[b, :counts[b]]} for b in range(B)]
-    flat = matching_cost_official(logits, pred, targets, cost_class=2.0, dtype=torch.float64)
+    flat = matching_cost_flat(logits, pred, targets, cost_class=2.0, dtype=torch.float64)
     for b, block in enumerate(flat.split(counts, -1)):
         torch.testing.assert_close(out[b, :, :counts[b]], block[b], rtol=1e-10, atol=1e-10)
 

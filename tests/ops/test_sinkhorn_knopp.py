@@ -1,36 +1,15 @@
-"""sinkhorn_knopp: the kernel against the official DINOv2 iterations (float64, wherever they are finite) and the
-log-domain reference where they overflow, row sums, N=1 / K=1 / rectangular inputs, opcheck, non-contiguous and
-16-bit input, bad input, and the CUDA kernel (marked `cuda`)."""
+"""sinkhorn_knopp: the kernel against the plain iterations of SPEC §3.3 (sinkhorn_knopp_plain: exp(z/τ) with no max
+subtraction, float64, wherever they are finite; the float32 plain form overflows above z/τ = 88.72, as the published
+teacher does) and the log-domain reference where they overflow, row sums, N=1 / K=1 / rectangular inputs, opcheck,
+non-contiguous and 16-bit input, bad input, and the CUDA kernel (marked `cuda`)."""
 import pytest
 import torch
 
 import dinokernels
 from dinokernels import _config
 from dinokernels.ops import sinkhorn_knopp
-from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_official, sinkhorn_knopp_ref
+from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_plain, sinkhorn_knopp_ref
 from dk_test_helpers import CUDA_DTYPES, registered
-
-
-def official_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
-    """dinov2/loss/dino_clstoken_loss.py DINOLoss.sinkhorn_knopp_teacher as published, single process
-    (dist.is_initialized() is False: world size 1, no all-reduce), without its float() cast so that it can run in
-    float64."""
-    Q = torch.exp(teacher_output / teacher_temp).t()  # Q is K-by-B for consistency with notations from our paper
-    B = Q.shape[1] * 1  # number of samples to assign
-    K = Q.shape[0]  # how many prototypes
-    # make the matrix sums to 1
-    sum_Q = torch.sum(Q)
-    Q /= sum_Q
-    for it in range(n_iterations):
-        # normalize each row: total weight per prototype must be 1/K
-        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
-        Q /= sum_of_rows
-        Q /= K
-        # normalize each column: total weight per sample must be 1/B
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B  # the columns must sum to 1 so that Q is an assignment
-    return Q.t()
 
 
 def tolerance(dtype, amax, n_iterations=3):
@@ -55,40 +34,40 @@ SHAPES = [(64, 1000), (33, 4099), (256, 128), (5, 3), (2, 65537), (2, 2)]  # N �
 
 @pytest.mark.parametrize("n_iterations", [1, 3, 5])
 @pytest.mark.parametrize("N,K,temp", [(*shape, (0.04, 0.07)[i % 2]) for i, shape in enumerate(SHAPES)])
-def test_float64_matches_official(N, K, temp, n_iterations):
+def test_float64_matches_plain_iterations(N, K, temp, n_iterations):
     z = torch.randn(N, K, dtype=torch.float64)
     out = sinkhorn_knopp(z, temp, n_iterations)
     assert out.dtype == torch.float64 and out.shape == (N, K)
-    ref = official_sinkhorn(z, temp, n_iterations)
+    ref = sinkhorn_knopp_plain(z, temp, n_iterations)
     assert torch.isfinite(ref).all()
     amax = z.abs().max().item() / temp
     assert_targets_close(out, ref, torch.float64, amax, n_iterations)
     assert_rows_sum_to_one(out, 1e-12)
-    # The project's own transcription of the official iterations agrees.
-    torch.testing.assert_close(sinkhorn_knopp_official(z, temp, n_iterations), ref, rtol=1e-12, atol=1e-300)
+    # The two references (plain and log-domain) agree too.
+    assert_targets_close(sinkhorn_knopp_ref(z, temp, n_iterations), ref, torch.float64, amax, n_iterations)
 
 
 @pytest.mark.parametrize("n_iterations", [1, 3, 5])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_float32_matches_official_float64(N, K, n_iterations):
+def test_float32_matches_plain_float64(N, K, n_iterations):
     temp = 0.07
     z = torch.randn(N, K) * 0.7
     out = sinkhorn_knopp(z, temp, n_iterations)
     assert out.dtype == torch.float32 and out.shape == (N, K)
-    ref = official_sinkhorn(z.double(), temp, n_iterations)
+    ref = sinkhorn_knopp_plain(z.double(), temp, n_iterations)
     amax = z.abs().max().item() / temp
     assert_targets_close(out, ref, torch.float32, amax, n_iterations)
     assert_rows_sum_to_one(out, tolerance(torch.float32, amax, n_iterations))
 
 
-def test_float32_is_finite_where_the_float32_official_overflows():
+def test_float32_is_finite_where_the_float32_plain_form_overflows():
     # z up to ~5 at τ = 0.04: z/τ > 88.7 overflows exp in float32 (dinov2 PR #583) but not in float64.
     z = torch.randn(64, 2000) * 1.3
     z[3, 17] = 4.5
-    assert not torch.isfinite(official_sinkhorn(z.clone(), 0.04)).all()
+    assert not torch.isfinite(sinkhorn_knopp_plain(z.clone(), 0.04)).all()
     out = sinkhorn_knopp(z, 0.04)
     assert torch.isfinite(out).all()
-    ref = official_sinkhorn(z.double(), 0.04)
+    ref = sinkhorn_knopp_plain(z.double(), 0.04)
     assert torch.isfinite(ref).all()
     assert_targets_close(out, ref, torch.float32, z.abs().max().item() / 0.04)
 
@@ -96,14 +75,14 @@ def test_float32_is_finite_where_the_float32_official_overflows():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("N,K,kind", [(16, 300, "uniform"), (300, 16, "uniform"), (8, 4099, "uniform"),
                                       (12, 50, "all_low"), (12, 50, "all_high")])
-def test_finite_where_official_is_not(N, K, kind, dtype):
+def test_finite_where_the_plain_form_is_not(N, K, kind, dtype):
     if kind == "uniform":
         z = (torch.rand(N, K, dtype=torch.float64) * 2 - 1) * 1e4  # anywhere in ±1e4
-    else:  # everything near ∓1e4: exp underflows to 0 (0/0) or overflows (inf/inf) in the official form
+    else:  # everything near ∓1e4: exp underflows to 0 (0/0) or overflows (inf/inf) in the plain form
         z = torch.randn(N, K, dtype=torch.float64) * 2 + (-1e4 if kind == "all_low" else 1e4)
     z = z.to(dtype)
-    official = official_sinkhorn(z.double(), 0.04)
-    assert not torch.isfinite(official).all()  # even float64 breaks here
+    plain = sinkhorn_knopp_plain(z.double(), 0.04)
+    assert not torch.isfinite(plain).all()  # even float64 breaks here
     out = sinkhorn_knopp(z, 0.04)
     assert out.dtype == dtype and torch.isfinite(out).all() and bool((out >= 0).all())
     amax = z.abs().max().item() / 0.04
@@ -112,10 +91,10 @@ def test_finite_where_official_is_not(N, K, kind, dtype):
         tol = tolerance(torch.float64, amax)
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
         assert_rows_sum_to_one(out, tol)
-        # A shift of every logit by one constant leaves the official result unchanged (its first step divides it
-        # out), and the shifted logits (exact in float64) are small enough for the official form.
+        # A shift of every logit by one constant leaves the plain result unchanged (its first step divides it
+        # out), and the shifted logits (exact in float64) are small enough for the plain form.
         if kind != "uniform":
-            shifted = official_sinkhorn(z - z.mean(), 0.04)
+            shifted = sinkhorn_knopp_plain(z - z.mean(), 0.04)
             assert torch.isfinite(shifted).all()
             assert_targets_close(out, shifted, torch.float64, amax)
     else:
@@ -125,17 +104,17 @@ def test_finite_where_official_is_not(N, K, kind, dtype):
         assert_rows_sum_to_one(out, tol)
 
 
-def test_shift_by_a_constant_matches_the_shifted_official():
-    # Logits 1e4 + small: the official overflows; shifting all logits by −1e4 changes nothing mathematically and
-    # makes the official computable, so the kernel on the raw logits must equal it.
+def test_shift_by_a_constant_matches_the_shifted_plain_form():
+    # Logits 1e4 + small: the plain form overflows; shifting all logits by −1e4 changes nothing mathematically and
+    # makes the plain form computable, so the kernel on the raw logits must equal it.
     z = torch.randn(40, 300, dtype=torch.float64) * 0.5
-    assert not torch.isfinite(official_sinkhorn(z + 1e4, 0.04)).all()
-    ref = official_sinkhorn(z, 0.04)
+    assert not torch.isfinite(sinkhorn_knopp_plain(z + 1e4, 0.04)).all()
+    ref = sinkhorn_knopp_plain(z, 0.04)
     out = sinkhorn_knopp(z + 1e4, 0.04)
     # (z + 1e4)/τ carries an error of about eps·2.5e5 in each argument.
     assert_targets_close(out, ref, torch.float64, 1e4 / 0.04)
     out32 = sinkhorn_knopp((z + 1e4).float(), 0.04)
-    ref32 = official_sinkhorn((z.float() + 1e4).double() - 1e4, 0.04)  # same rounded input, computed exactly
+    ref32 = sinkhorn_knopp_plain((z.float() + 1e4).double() - 1e4, 0.04)  # same rounded input, computed exactly
     assert_targets_close(out32, ref32, torch.float32, 1e4 / 0.04)
 
 
@@ -148,7 +127,7 @@ def test_one_sample_gives_uniform_targets(dtype):
             out = sinkhorn_knopp(z, 0.04, n_iterations)
             tol = tolerance(dtype, z.abs().max().item() / 0.04, n_iterations)
             torch.testing.assert_close(out, torch.full((1, K), 1.0 / K, dtype=dtype), rtol=tol, atol=0)
-            torch.testing.assert_close(out.double(), official_sinkhorn(z.double(), 0.04, n_iterations), rtol=tol,
+            torch.testing.assert_close(out.double(), sinkhorn_knopp_plain(z.double(), 0.04, n_iterations), rtol=tol,
                                        atol=0)
 
 
@@ -274,7 +253,7 @@ def test_cuda_matches_float64(N, K, dtype):
     out = sinkhorn_knopp(z, 0.07)
     assert out.dtype == torch.float32 and out.is_cuda and out.shape == (N, K)
     own = sinkhorn_knopp_ref(z, 0.07)  # PyTorch in this precision (float32 arithmetic on the 16-bit input)
-    ref64 = official_sinkhorn(z.double().cpu(), 0.07)
+    ref64 = sinkhorn_knopp_plain(z.double().cpu(), 0.07)
     err = (out.double().cpu() - ref64).abs().max().item()
     base = (own.double().cpu() - ref64).abs().max().item()
     # + the float32 rounding floor the CPU float32 tests allow.

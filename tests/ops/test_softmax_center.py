@@ -11,7 +11,7 @@ from dinokernels.ops.softmax_center_ref import softmax_center_ref
 from dk_test_helpers import CUDA_DTYPES, registered
 
 
-def official_targets(z, c, temp):
+def targets_and_logit_sum(z, c, temp):
     """DINO v1 / DINOv2 teacher targets softmax((z − c)/τ_t) and the raw-logit sum of the center update, float64."""
     z = z.double()
     return torch.softmax((z - c.double().reshape(1, -1)) / temp, dim=-1), z.sum(dim=0)
@@ -66,7 +66,7 @@ def test_matches_formula(N, K, regime, dtype):
     probs, total = softmax_center(z, c, temp, return_sum=True)
     assert probs.dtype == dtype and total.dtype == dtype
     assert probs.shape == (N, K) and total.shape == (K,)
-    probs_ref, _ = official_targets(z, c, temp)
+    probs_ref, _ = targets_and_logit_sum(z, c, temp)
     assert_probs_close(probs, probs_ref, dtype, amax)
     assert_sum_close(total, z, dtype)
     assert torch.equal(softmax_center(z, c, temp), probs)
@@ -330,7 +330,7 @@ def test_cuda_matches_float64(N, K, dtype):
     assert probs.dtype == torch.float32 and total.dtype == torch.float32 and probs.is_cuda
     probs_t, total_t = softmax_center_ref(z, c, 0.04, return_sum=True)  # PyTorch in this precision
     z64, c64 = z.double().cpu(), c.double().cpu()
-    probs64, total64 = official_targets(z64, c64, 0.04)
+    probs64, total64 = targets_and_logit_sum(z64, c64, 0.04)
     # Kernel error ≤ 4 × PyTorch's own in this precision + the float32 rounding floor the CPU tests allow.
     eps = torch.finfo(torch.float32).eps
     floors = (tolerance(torch.float32, (z64 - c64).abs().max().item() / 0.04 if N else 1.0),

@@ -1,4 +1,5 @@
-"""Parameter groups, per-tensor gradient clipping, freezing the last layer (official utils.py semantics)."""
+"""Parameter groups, per-tensor gradient clipping, freezing the last layer, LARS (DINO v1 semantics, SPEC §2.4),
+against references written here from those facts."""
 import copy
 
 import pytest
@@ -16,27 +17,30 @@ def _model(norm_last_layer=True):
                                                bottleneck_dim=8))
 
 
-def official_get_params_groups(model):
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or len(param.shape) == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+def _exempt_from_decay(name, param):
+    return name.endswith(".bias") or param.dim() == 1
 
 
-def official_clip_gradients(model, clip):
+def params_groups_reference(model):
+    """SPEC §2.4: the trainable parameters in named_parameters order, split in two groups: biases and every 1-D
+    tensor (weight_decay 0), and the rest (decayed by the schedule)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if not _exempt_from_decay(n, p)]},
+            {"params": [p for n, p in trainable if _exempt_from_decay(n, p)], "weight_decay": 0.0}]
+
+
+def clip_gradients_reference(model, clip):
+    """SPEC §2.4 and its eps register: per parameter tensor with a gradient, in named_parameters order, the norm
+    n = ‖g‖₂ (returned, before clipping); g is scaled by clip/(n + 1e-6) when that factor is below 1."""
     norms = []
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
+    for _, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        norm = float(param.grad.double().norm())
+        norms.append(norm)
+        factor = clip / (norm + 1e-6)
+        if factor < 1:
+            param.grad.mul_(factor)
     return norms
 
 
@@ -44,7 +48,7 @@ def official_clip_gradients(model, clip):
 def test_params_groups(norm_last_layer):
     model = _model(norm_last_layer)
     groups = get_params_groups(model)
-    ref = official_get_params_groups(model)
+    ref = params_groups_reference(model)
     assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in ref]
     assert groups[1]["weight_decay"] == 0.0 and "weight_decay" not in groups[0]
     names = {id(p): n for n, p in model.named_parameters()}
@@ -55,12 +59,12 @@ def test_params_groups(norm_last_layer):
     assert {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight"} <= decayed
     assert {"backbone.norm.weight", "backbone.norm.bias", "backbone.blocks.0.norm1.weight"} <= exempt
     g_name = [n for n, _ in model.named_parameters() if n.endswith("weight_g")]
-    # the frozen weight-norm scale is in no group; a trainable one (1-D? no: (K, 1)) is decayed like the official
+    # the frozen weight-norm scale is in no group; a trainable one (1-D? no: (K, 1)) is decayed (it is not 1-D)
     assert all((n in decayed) == (not norm_last_layer) for n in g_name)
     assert len(decayed) + len(exempt) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_clip_gradients_matches_official():
+def test_clip_gradients_matches_reference():
     model = _model()
     x = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
     (model(x) ** 2).sum().mul(50).backward()
@@ -69,7 +73,7 @@ def test_clip_gradients_matches_official():
         q.grad = None if p.grad is None else p.grad.clone()
     for clip in (3.0, 0.05):
         norms = clip_gradients(model, clip)
-        ref_norms = official_clip_gradients(twin, clip)
+        ref_norms = clip_gradients_reference(twin, clip)
         assert norms == pytest.approx(ref_norms, rel=1e-6)
         for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
             if p.grad is not None:
@@ -121,40 +125,34 @@ def test_build_optimizer():
         build_optimizer("lamb", groups)
 
 
-class OfficialLARS(torch.optim.Optimizer):
-    """facebookresearch/dino utils.LARS, verbatim but for formatting."""
+class ReferenceLARS(torch.optim.Optimizer):
+    """DINO's LARS semantics, written here from the math, with float64 arithmetic (the result is stored back in
+    the parameter's dtype; the momentum buffer stays float64). Facts: for every tensor with a gradient, if it is
+    not 1-D (biases and norm weights are exempt from both), g ← g + wd·p, then g ← g·η‖p‖/‖g‖, the trust ratio
+    being 1 when ‖p‖ = 0 or ‖g‖ = 0; then μ ← momentum·μ + g (no dampening, μ starts at 0) and p ← p − lr·μ.
+    Defaults: lr 0, weight decay 0, momentum 0.9, η 0.001."""
 
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001,
-                 weight_decay_filter=None, lars_adaptation_filter=None):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
-        super().__init__(params, defaults)
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
     def step(self):
-        for g in self.param_groups:
-            for p in g['params']:
-                dp = p.grad
-                if dp is None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=g['weight_decay'])
-                if p.ndim != 1:
-                    param_norm = torch.norm(p)
-                    update_norm = torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.,
-                                    torch.where(update_norm > 0, (g['eta'] * param_norm / update_norm), one), one)
-                    dp = dp.mul(q)
-                param_state = self.state[p]
-                if 'mu' not in param_state:
-                    param_state['mu'] = torch.zeros_like(p)
-                mu = param_state['mu']
-                mu.mul_(g['momentum']).add_(dp)
-                p.add_(mu, alpha=-g['lr'])
+                p, g = param.double(), param.grad.double()
+                if p.dim() != 1:
+                    g = g + group["weight_decay"] * p
+                    p_norm, g_norm = float(p.norm()), float(g.norm())
+                    if p_norm > 0 and g_norm > 0:
+                        g = g * (group["eta"] * p_norm / g_norm)
+                velocity = self.state[param].setdefault("velocity", torch.zeros_like(p))
+                velocity.mul_(group["momentum"]).add_(g)
+                param.copy_(p - group["lr"] * velocity)
 
 
-def test_lars_matches_official():
+def test_lars_matches_reference():
     """Same parameters after several steps with schedules changing lr and weight decay, a zero weight tensor
     (trust ratio 1) and a frozen tensor with no gradient."""
     torch.manual_seed(0)
@@ -162,7 +160,7 @@ def test_lars_matches_official():
     models[1].load_state_dict(models[0].state_dict())
     for m in models:
         m.backbone.blocks[0].mlp.fc2.weight.data.zero_()  # ‖p‖ = 0: trust ratio 1
-    optims = [LARS(get_params_groups(models[0])), OfficialLARS(get_params_groups(models[1]))]
+    optims = [LARS(get_params_groups(models[0])), ReferenceLARS(get_params_groups(models[1]))]
     x = torch.randn(4, 3, 16, 16)
     for it in range(4):
         for model, opt in zip(models, optims):

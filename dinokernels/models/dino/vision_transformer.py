@@ -1,4 +1,4 @@
-"""DINO v1 Vision Transformers (SPEC §2.2), parameter for parameter facebookresearch/dino vision_transformer.py.
+"""DINO v1 Vision Transformers (SPEC §2.2) with the parameter names of the released DINO checkpoints.
 
 State-dict keys, order and shapes are the official ones (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
 `blocks.{i}.…`, `norm.*`), so the released backbone files load strictly. Output: norm(x)[:, 0], the CLS token.
@@ -11,15 +11,13 @@ Differences from the official code, all deliberate:
 * `vit_nano` (embed 128, depth 4, heads 4, patch 4) is ours: the size the CPU demo job trains.
 * `build_backbone` is ours: one entry point for the named ViTs and, lazily, any timm model (`timm:<name>`).
 """
-import math
 from functools import partial
 from typing import List, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...layers import Block, PatchEmbed
+from ...layers import Block, PatchEmbed, resize_patch_pos_embed
 
 __all__ = ["VisionTransformer", "vit_nano", "vit_tiny", "vit_small", "vit_base", "build_backbone", "ARCHS"]
 
@@ -69,30 +67,14 @@ class VisionTransformer(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
-        """Position embedding (1, 1 + N', C) for tokens x (B, 1 + N', C) of an h × w image (official argument
-        order: rows, then columns; the official code calls them w, h)."""
-        npatch = x.shape[1] - 1
-        N = self.pos_embed.shape[1] - 1
-        if npatch == N and w == h:
+        """Position embedding (1, 1 + N', C) for tokens x (B, 1 + N', C) of an h × w image (rows, then columns):
+        the stored one when the patch count matches and the image is square, else the patch grid resampled
+        bicubically with DINO's +0.1 scale-factor offset (SPEC §2.2)."""
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and w == h:
             return self.pos_embed
-        class_pos_embed = self.pos_embed[:, 0]
-        patch_pos_embed = self.pos_embed[:, 1:]
-        dim = x.shape[-1]
-        side = int(math.sqrt(N))
-        h0 = h // self.patch_embed.patch_size
-        w0 = w // self.patch_embed.patch_size
-        # add a small number to avoid floating point error in the interpolation (dino issue #8)
-        h0, w0 = h0 + 0.1, w0 + 0.1
-        patch_pos_embed = F.interpolate(
-            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-            scale_factor=(h0 / math.sqrt(N), w0 / math.sqrt(N)),
-            mode="bicubic",
-        )
-        if int(h0) != patch_pos_embed.shape[-2] or int(w0) != patch_pos_embed.shape[-1]:
-            raise RuntimeError(f"dinokernels.VisionTransformer: position embedding interpolated to "
-                               f"{tuple(patch_pos_embed.shape[-2:])}, expected {(int(h0), int(w0))}")
-        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+        p = self.patch_embed.patch_size
+        patches = resize_patch_pos_embed(self.pos_embed[:, 1:], h // p, w // p, offset=0.1)
+        return torch.cat((self.pos_embed[:, :1], patches), dim=1)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

@@ -19,6 +19,46 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _target_boxes(i: int, boxes) -> Tensor:
+    """Target i's "boxes" as a (G, 4) float tensor, or a ValueError naming the target and what is wrong (a flat
+    (4·G,) tensor is refused rather than reshaped: the layout it came in is unknown)."""
+    b = torch.as_tensor(boxes)
+    if b.numel() == 0 and b.dim() == 1:
+        b = b.reshape(0, 4)  # an image without targets, as torch.tensor([]) or torch.zeros(0)
+    if b.dim() != 2 or b.shape[1] != 4:
+        raise ValueError(f"HungarianMatcher: target {i}'s 'boxes' must be (G, 4) (cx, cy, w, h), got shape "
+                         f"{tuple(b.shape)}")
+    if not b.is_floating_point():
+        b = b.to(torch.float32)
+    if b.numel():
+        bad = ~torch.isfinite(b).all(-1) | (b[:, 2] < 0) | (b[:, 3] < 0)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise ValueError(f"HungarianMatcher: target {i}'s 'boxes' must be finite (cx, cy, w, h) with w, h >= 0; "
+                             f"box {j} is {[float(v) for v in b[j]]}")
+    return b
+
+
+def _target_labels(i: int, key: str, labels, count: int, num_classes: int) -> Tensor:
+    """Target i's class labels as int64 indices into the label map, or a ValueError naming the target: labels
+    must be integers (1.7 is not truncated), one per box, in [0, num_classes) (−1 does not wrap around)."""
+    lab = torch.as_tensor(labels)
+    if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+        raise ValueError(f"HungarianMatcher: target {i}'s '{key}' must be integer class indices, got dtype "
+                         f"{lab.dtype}")
+    if lab.dim() != 1 or lab.shape[0] != count:
+        raise ValueError(f"HungarianMatcher: target {i}'s '{key}' must be ({count},), one per box, got shape "
+                         f"{tuple(lab.shape)}")
+    lab = lab.long()
+    if lab.numel():
+        bad = (lab < 0) | (lab >= num_classes)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise ValueError(f"HungarianMatcher: target {i}'s '{key}' must be in [0, {num_classes}) (the label_map "
+                             f"has {num_classes} classes); label {j} is {int(lab[j])}")
+    return lab
+
+
 class HungarianMatcher(nn.Module):
     """Optimal one-to-one matching of predictions to targets, per image.
 
@@ -78,8 +118,13 @@ class HungarianMatcher(nn.Module):
         predictions), counts (B,) int64 CPU, with G = the largest target count (the rest zero padding)."""
         B = len(targets)
         maps, boxes = [], []
+        if label_map is not None and (not isinstance(label_map, Tensor) or label_map.dim() != 2):
+            raise ValueError(f"HungarianMatcher: label_map must be a (num_classes, T') tensor, got "
+                             f"{tuple(label_map.shape) if isinstance(label_map, Tensor) else type(label_map).__name__}")
         for i, t in enumerate(targets):
-            b = torch.as_tensor(t["boxes"]).reshape(-1, 4)
+            if not isinstance(t, dict) or "boxes" not in t:
+                raise ValueError(f"HungarianMatcher: target {i} must be a dict with 'boxes' (G, 4) cxcywh")
+            b = _target_boxes(i, t["boxes"])
             if "positive_map" in t:
                 m = torch.as_tensor(t["positive_map"])
             else:
@@ -87,7 +132,7 @@ class HungarianMatcher(nn.Module):
                 if key is None or label_map is None:
                     raise ValueError(f"HungarianMatcher: target {i} needs 'positive_map', or 'labels' with a "
                                      f"label_map passed to forward")
-                m = label_map[torch.as_tensor(t[key]).long().to(label_map.device)]
+                m = label_map[_target_labels(i, key, t[key], b.shape[0], label_map.shape[0]).to(label_map.device)]
             if m.dim() != 2 or m.shape[0] != b.shape[0]:
                 raise ValueError(f"HungarianMatcher: target {i}'s positive map must be (G={b.shape[0]}, T'), got "
                                  f"{tuple(m.shape)}")
