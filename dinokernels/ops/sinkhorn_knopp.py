@@ -84,7 +84,7 @@ def _distributed(z: Tensor, teacher_temp: float, n_iterations: int, group) -> Te
         D.raise_nonfinite_inputs(op, {"teacher_logits": z}, "gives non-finite scalings (is the global batch empty?)")
     out = z.new_empty((n, k), dtype=acc)
     _ext.kernel("sinkhorn_knopp_output", device_type)(z.data_ptr(), code, n, k, float(teacher_temp),
-                                                       alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), *extra)
+                                                       alpha.data_ptr(), out.data_ptr(), *extra)
     return out
 
 
