@@ -267,6 +267,193 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
   }
 }
 
+// ---- Forward and backward in one pass (grad_loss taken as 1; the Python backward scales when it is not) ----
+//
+// One task per sample b: the T teacher rows of b are read once (in logits mode turned into probabilities in a
+// per-thread buffer, with their statistics), the target row shared by the views that pair with every teacher is
+// summed once, then each student row (v, b) is streamed once in 2048-column chunks: its max, then
+// e = exp((z − max_c)/τ_s) written straight into the gradient with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential
+// per element). The chunk records merge with combine_row as in the forward; a last sweep over the row, still in
+// L2, turns e into the gradient (ΣP·softmax − P)·scale·w_b/τ_s. Samples are independent and each is reduced in
+// a fixed order, so the result does not depend on the thread count.
+
+// Teacher logits row → probabilities softmax((z − c)/τ_t) (softmax_center_math.h); returns (max d, log Σ).
+template <typename T>
+void teacher_row_probs(const T* z, const T* center, T factor, int64_t k, T* out, T& max_out, T& log_sum_out) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  typename S::vec vm = S::splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + L <= k; j += L) vm = cpu::vmax(vm, softmax_center::half_centered(S::load(z + j), S::load(center + j)));
+  T m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
+  for (; j < k; ++j) m = std::max(m, softmax_center::half_centered(z[j], center[j]));
+  typename S::vec vs{};
+  for (j = 0; j + L <= k; j += L) {
+    const typename S::vec e = cpu::vexp(
+        softmax_center::exponent(softmax_center::half_centered(S::load(z + j), S::load(center + j)), m, factor));
+    S::store(out + j, e);
+    vs += e;
+  }
+  T s = S::sum(vs);
+  for (; j < k; ++j) {
+    out[j] = std::exp(softmax_center::exponent(softmax_center::half_centered(z[j], center[j]), m, factor));
+    s += out[j];
+  }
+  const T inv_s = T(1) / s;
+  for (j = 0; j + L <= k; j += L) S::store(out + j, S::load(out + j) * inv_s);
+  for (; j < k; ++j) out[j] *= inv_s;
+  max_out = m;
+  log_sum_out = std::log(s);
+}
+
+// Σ of n rows into out.
+template <typename T>
+void sum_rows(const T* const* rows, int n, int64_t k, T* out) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  int64_t j = 0;
+  for (; j + L <= k; j += L) {
+    typename S::vec acc = S::load(rows[0] + j);
+    for (int r = 1; r < n; ++r) acc += S::load(rows[r] + j);
+    S::store(out + j, acc);
+  }
+  for (; j < k; ++j) {
+    T acc = rows[0][j];
+    for (int r = 1; r < n; ++r) acc += rows[r][j];
+    out[j] = acc;
+  }
+}
+
+// Scratch of one thread: teacher probabilities (T, K) in logits mode, the all-teacher target row (K), a row of
+// zeros (the target of a view paired with no teacher: S ≥ 2 views against T = 1), and one row's chunk records.
+template <typename T>
+struct FusedScratch {
+  std::vector<T> teacher_probs, all_targets, zeros, records;
+  explicit FusedScratch(const Args& a)
+      : teacher_probs(a.teacher_logits ? size_t(a.teachers * a.classes) : 0),
+        all_targets(a.teachers > 1 && a.views > a.teachers ? size_t(a.classes) : 0),
+        zeros(a.skip_same_view && a.teachers == 1 ? size_t(a.classes) : 0, T(0)),
+        records(size_t(4 * n_chunks(a.classes))) {}
+};
+
+// Returns Σ_v ℓ_vb (unweighted, unscaled), like combine_row; writes grad rows (v, b) for every v.
+template <typename T>
+T fused_sample(const Args& a, const T* student, const T* teacher, const T* center, const T* weights, int64_t b,
+               T* student_stats, T* target_sum, T* teacher_stats, T* grad, FusedScratch<T>& scratch) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  const int64_t k_all = a.classes, row_stride = a.batch * a.classes, chunks = n_chunks(a.classes);
+  const T inv_ts = T(1.0 / a.student_temp), factor = softmax_center::temperature_factor<T>(a.teacher_temp);
+  const T* rows[64];
+  for (int64_t t = 0; t < a.teachers; ++t) {
+    rows[t] = teacher + t * row_stride + b * k_all;
+    if (a.teacher_logits) {
+      T* p = scratch.teacher_probs.data() + t * k_all;
+      RowStats<T> ts{teacher_stats, a.teachers, a.batch};
+      teacher_row_probs(rows[t], center, factor, k_all, p, ts.max(t, b), ts.log_sum(t, b));
+      rows[t] = p;
+    }
+  }
+  // Views paired with every teacher (the local crops) share one summed target row.
+  bool all_summed = false;
+  if (a.teachers > 1 && a.views > a.teachers) {
+    sum_rows(rows, int(a.teachers), k_all, scratch.all_targets.data());
+    all_summed = true;
+  }
+  const T coef = T(a.scale) * (weights ? weights[b] : T(1)) * inv_ts;
+  T row_loss = 0;
+  for (int64_t v = 0; v < a.views; ++v) {
+    const T* paired_rows[64];
+    int n_paired = 0;
+    for (int64_t t = 0; t < a.teachers; ++t)
+      if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = rows[t];
+    if (all_summed && n_paired == int(a.teachers)) {
+      paired_rows[0] = scratch.all_targets.data();
+      n_paired = 1;
+    }
+    if (n_paired == 0) paired_rows[n_paired++] = scratch.zeros.data();
+    const T* zrow = student + v * row_stride + b * k_all;
+    T* grow = grad + v * row_stride + b * k_all;
+    T* rec = scratch.records.data();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
+      const T* z = zrow + k0;
+      T* g = grow + k0;
+      const T m = row_max(z, n);
+      typename S::vec vs{}, vd{}, vp{};
+      int64_t k = 0;
+      for (; k + L <= n; k += L) {
+        const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
+        const typename S::vec e = cpu::vexp(x);
+        S::store(g + k, e);
+        vs += e;
+        typename S::vec p = S::load(paired_rows[0] + k0 + k);
+        for (int j = 1; j < n_paired; ++j) p += S::load(paired_rows[j] + k0 + k);
+        vd += vtarget_times_exponent(p, x);
+        vp += p;
+      }
+      T sum = S::sum(vs), d = S::sum(vd), mass = S::sum(vp);
+      for (; k < n; ++k) {
+        const T x = student_exponent(z[k], m, inv_ts);
+        g[k] = std::exp(x);
+        sum += g[k];
+        T p = paired_rows[0][k0 + k];
+        for (int j = 1; j < n_paired; ++j) p += paired_rows[j][k0 + k];
+        d += target_times_exponent(p, x);
+        mass += p;
+      }
+      rec[4 * c] = m, rec[4 * c + 1] = sum, rec[4 * c + 2] = d, rec[4 * c + 3] = mass;
+    }
+    // Row v alone through the forward's merge: stats and target sum at (v, b).
+    row_loss += combine_row(rec, int64_t(4), chunks, RecordLayout{1, 0}, a.skip_same_view, false, a.batch, b,
+                            RowStats<T>{student_stats + v * a.batch, a.views, a.batch}, target_sum + v * a.batch,
+                            RowStats<T>{nullptr, 0, a.batch}, inv_ts, factor);
+    const T mx = student_stats[v * a.batch + b], ls = student_stats[(a.views + v) * a.batch + b];
+    const T row_mass = target_sum[v * a.batch + b];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
+      T* g = grow + k0;
+      // softmax = e·exp((m_c − M)/τ_s − log Σ); the gradient ΣP·softmax − P, times coef.
+      const T scale_c = row_mass * std::exp(student_exponent(rec[4 * c], mx, inv_ts) - ls);
+      int64_t k = 0;
+      for (; k + L <= n; k += L) {
+        typename S::vec p = S::load(paired_rows[0] + k0 + k);
+        for (int j = 1; j < n_paired; ++j) p += S::load(paired_rows[j] + k0 + k);
+        S::store(g + k, (S::load(g + k) * scale_c - p) * coef);
+      }
+      for (; k < n; ++k) {
+        T p = paired_rows[0][k0 + k];
+        for (int j = 1; j < n_paired; ++j) p += paired_rows[j][k0 + k];
+        g[k] = (g[k] * scale_c - p) * coef;
+      }
+    }
+  }
+  return row_loss;
+}
+
+template <typename T>
+void forward_backward_impl(const Args& a, const T* student, const T* teacher, const T* center, const T* weights,
+                           T* loss, T* student_stats, T* target_sum, T* teacher_stats, T* grad, int num_threads) {
+  cpu::advise_huge_pages(grad, a.views * a.batch * a.classes * int64_t(sizeof(T)));
+  std::vector<T> row_loss(size_t(a.batch));
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, a.batch)));
+#pragma omp parallel num_threads(threads)
+  {
+    cpu::FlushDenormals flush;
+    FusedScratch<T> scratch(a);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const T l = fused_sample(a, student, teacher, center, weights, b, student_stats, target_sum, teacher_stats,
+                               grad, scratch);
+      row_loss[size_t(b)] = weights ? weights[b] * l : l;
+    }
+  }
+  double total = 0;
+  for (int64_t b = 0; b < a.batch; ++b) total += double(row_loss[size_t(b)]);
+  *loss = T(total * a.scale);
+}
+
 template <typename Body>
 void dispatch(int dtype, Body&& body) {
   if (dtype == kFloat64)
@@ -305,6 +492,29 @@ void forward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
     forward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
                     as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_stats), as_ptr<T>(target_sum),
                     as_ptr<T>(teacher_stats), as_ptr<T>(workspace), num_threads);
+  });
+}
+
+void forward_backward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
+                          std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
+                          int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
+                          double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_stats,
+                          std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t grad_student,
+                          int num_threads) {
+  const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
+  check_args(a, dtype, student, teacher, center);
+  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
+  check_pointer(as_ptr<void>(loss), kOp, "loss");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
+  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_backward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
+                             as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_stats),
+                             as_ptr<T>(target_sum), as_ptr<T>(teacher_stats), as_ptr<T>(grad_student),
+                             num_threads);
   });
 }
 

@@ -159,6 +159,45 @@ def test_backward_scales_with_upstream_gradient():
     torch.testing.assert_close(g2, -2.5 * g1, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_gradient_from_the_forward_pass_is_deterministic_and_reusable(centered):
+    """On the CPU the forward writes the gradient from its own exponentials when the student needs one. It must not
+    depend on the thread count, must match the standalone backward kernel, and a retained graph must give the
+    same gradient again (the first backward hands out the forward's buffer; later ones recompute it)."""
+    S, T, B, K = 5, 2, 3, 4099
+    student = torch.randn(S, B, K) * 3
+    teacher, center = torch.randn(T, B, K), torch.randn(K) * 0.1
+    targets = teacher if centered else torch.softmax(teacher / 0.04, dim=-1)
+
+    def run(x):
+        return dino_loss_centered(x, teacher, center, 0.04) if centered else dino_loss(x, targets)
+
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(loss_and_grad(run, student)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    with torch.no_grad():  # no gradient wanted: the forward-only kernel, then the standalone backward
+        loss_plain = run(student)
+    x = student.clone().requires_grad_(True)
+    loss = run(x)
+    torch.testing.assert_close(loss.detach(), loss_plain, rtol=1e-6, atol=0)  # centered: targets summed differently
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(retain_graph=True)
+    assert torch.equal(x.grad, 2 * first)
+    (-0.5 * loss).backward()
+    torch.testing.assert_close(x.grad, 1.5 * first, rtol=1e-6, atol=0)
+    assert torch.equal(first, grads[0])
+    ref_grad = loss_and_grad(dino_loss_centered_ref if centered else dino_loss_ref, student.double(),
+                             *((teacher.double(), center.double(), 0.04) if centered else (targets.double(),)))[1]
+    torch.testing.assert_close(first.double(), ref_grad, rtol=0, atol=1e-5 * ref_grad.abs().max().item())
+
+
 def test_non_contiguous_inputs():
     S, T, B, K = 4, 2, 3, 129
     base_s = torch.randn(B, S, 2 * K, dtype=torch.float64)
@@ -435,9 +474,10 @@ def test_centered_torch_compile_fullgraph():
 
 
 # dinokernels::soft_ce_forward(student (S, B, K), teacher (T, B, K), center (K,) or None, weights (B,) or None,
-# skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum, arg_names) → (loss, student statistics,
-# target_sum, teacher statistics, teacher_sum); dinokernels::soft_ce_backward(grad_loss, student, teacher, center,
-# weights, skip_same_view, student_temp, teacher_temp, scale, *the three statistics) → grad_student.
+# skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum, arg_names, with_grad) → (loss, student
+# statistics, target_sum, teacher statistics, teacher_sum, grad_student: (S, B, K) from the same pass when with_grad
+# on the CPU, else (0,)); dinokernels::soft_ce_backward(grad_loss, student, teacher, center, weights,
+# skip_same_view, student_temp, teacher_temp, scale, *the three statistics) → grad_student.
 NAMES = "dino_loss,student_logits,teacher_probs,center,weights"
 
 
@@ -445,7 +485,9 @@ def _opcheck_soft_ce(student, teacher, center, args):
     forward, backward = registered("soft_ce_forward"), registered("soft_ce_backward")
     torch.library.opcheck(forward, (student, teacher, center, None, *args, NAMES))
     torch.library.opcheck(forward, (student.detach(), teacher, center, None, *args, NAMES))
-    _, student_stats, target_sum, teacher_stats, _ = forward(student.detach(), teacher, center, None, *args, NAMES)
+    torch.library.opcheck(forward, (student, teacher, center, None, *args, NAMES, True))
+    _, student_stats, target_sum, teacher_stats, _, _ = forward(student.detach(), teacher, center, None, *args,
+                                                                NAMES)
     grad_loss = torch.tensor(1.5, dtype=target_sum.dtype, device=target_sum.device)
     torch.library.opcheck(backward, (grad_loss, student.detach(), teacher, center, None, *args[:-1], student_stats,
                                      target_sum, teacher_stats))

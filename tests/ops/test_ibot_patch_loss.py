@@ -211,7 +211,8 @@ def _opcheck_soft_ce(student, teacher, weights):
     s, t = student[None], teacher[None]
     torch.library.opcheck(forward, (s, t, None, weights, *args, False, names))
     torch.library.opcheck(forward, (s.detach(), t, None, weights, *args, False, names))
-    _, student_stats, target_sum, teacher_stats, _ = forward(s.detach(), t, None, weights, *args, False, names)
+    torch.library.opcheck(forward, (s, t, None, weights, *args, False, names, True))
+    _, student_stats, target_sum, teacher_stats, _, _ = forward(s.detach(), t, None, weights, *args, False, names)
     grad_loss = torch.tensor(0.7, dtype=target_sum.dtype, device=target_sum.device)
     torch.library.opcheck(backward, (grad_loss, s.detach(), t, None, weights, *args, student_stats, target_sum,
                                      teacher_stats))
