@@ -145,6 +145,7 @@ int64_t forward_cpu(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t 
     return 0;
   }
   const int64_t groups = with_sum ? sum_groups(n) : n;
+  cpu::advise_huge_pages(as_ptr<void>(out), n * k * (dtype == kFloat64 ? 8 : 4));
   if (dtype == kFloat64)
     return forward_impl(as_ptr<const double>(z), as_ptr<const double>(center), n, k,
                         temperature_factor<double>(teacher_temp),
