@@ -84,7 +84,8 @@ def main(argv=None):
     else:
         shape_list = shapes.DINO_LOSS_QUICK if args.quick else shapes.DINO_LOSS
     print(f"DINO loss on {harness.device_name(args.device)}", flush=True)
-    records = harness.run("dino_loss", args.device, cases(args.device, dtypes, shape_list, harness.compile_reference(args)),
+    records = harness.run("dino_loss", args.device,
+                          cases(args.device, dtypes, shape_list, harness.compile_reference(args)),
                           rounds=args.rounds, min_run_time=args.min_run_time)
     if args.device == "cuda":
         add_bandwidth(records, args.device)

@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads)
         online_add(m, s, d, p.tt_factor);
       }
       block_merge_max_sum(m, s, scratch, p.tt_factor);
-      for (int64_t j = threadIdx.x; j < width; j += kThreads) e[j] = expf(softmax_center::exponent(e[j], m, p.tt_factor));
+      for (int64_t j = threadIdx.x; j < width; j += kThreads)
+        e[j] = expf(softmax_center::exponent(e[j], m, p.tt_factor));
       if (threadIdx.x == 0) record[layout.teacher(t)] = m, record[layout.teacher(t) + 1] = s;
     }
   }

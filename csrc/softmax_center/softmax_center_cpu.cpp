@@ -1,6 +1,6 @@
 // CPU softmax_center (math in softmax_center_math.h): per row, pass 1 finds the max of d = z/2 − c/2 (and adds
-// the raw row into a column-sum partial), pass 2 writes e = exp((d − m)·2/τ) and sums it, pass 3 scales by 1/Σe. The row (≤ 512 KB) stays in L2
-// between passes.
+// the raw row into a column-sum partial), pass 2 writes e = exp((d − m)·2/τ) and sums it, pass 3 scales by 1/Σe.
+// The row (≤ 512 KB) stays in L2 between passes.
 #include <omp.h>
 
 #include <algorithm>

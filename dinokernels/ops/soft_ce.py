@@ -101,7 +101,7 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
             if return_teacher_sum:
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
                                                                  t * b, k, teacher_sum.data_ptr(), device, stream)
-    if _config.check_finite():  # inside the op, so torch.compile sees no data-dependent branch
+    if _config.check_finite(student.device.type):  # inside the op: torch.compile sees no data-dependent branch
         ok = bool(torch.isfinite(loss)) and (not return_teacher_sum or bool(torch.isfinite(teacher_sum).all()))
         if not ok:
             public_op, *names = arg_names.split(",")

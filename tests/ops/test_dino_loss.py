@@ -582,6 +582,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
     student, teacher = _good(4, 2, 3, 20)
     cases = [(_with(student, (2, 1, 3), float("nan")), teacher), (_with(student, (0, 0, 0), float("inf")), teacher),
              (student, _with(teacher, (1, 2, 5), float("nan")))]
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         for s, t in cases:
@@ -591,7 +592,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
         center[7] = float("nan")
         assert not torch.isfinite(dino_loss_centered(student, torch.randn(2, 3, 20), center, 0.04))
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
 
 
 # ---------------------------------------------------------------- CUDA kernels
@@ -652,8 +653,9 @@ def test_cuda_matches_cpu_kernel_deterministic_and_bad_input():
     assert torch.equal(again[0], loss_gpu) and torch.equal(again[1], grad_gpu)
     bad = student.clone().cuda()
     bad[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="'student_logits'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'student_logits'.*non-finite"):
         dino_loss(bad, teacher.cuda(), 0.1)
+    assert not torch.isfinite(dino_loss(bad, teacher.cuda(), 0.1)).all()  # CUDA default: unchecked
     with pytest.raises(TypeError, match="'student_logits'"):
         dino_loss(student.double().cuda(), teacher.double().cuda(), 0.1)
     _opcheck_soft_ce(student[:, :2, :33].contiguous().cuda().requires_grad_(),

@@ -416,7 +416,7 @@ def test_non_finite_input_raises(where):
         value[:] = float("nan")
     with pytest.raises(ValueError, match=f"argument '{where}' contains .* non-finite"):
         ms_deform_attn(value, shapes, starts, loc, attn)
-    previous = _config.check_finite()
+    previous = _config.finite_check_setting()
     try:
         _config.set_check_finite(False)
         ms_deform_attn(value, shapes, starts, loc, attn)

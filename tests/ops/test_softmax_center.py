@@ -1,6 +1,8 @@
 """softmax_center: the kernel against softmax((z − c)/τ) and Σ_n z_n written out here in float64, the DINO v1 center
 update, empty, awkward and non-contiguous input, opcheck, torch.compile, bad input, and the CUDA kernel (marked
 `cuda`)."""
+import os
+
 import pytest
 import torch
 
@@ -306,6 +308,7 @@ def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
 
 def test_nonfinite_gives_nan_when_check_is_off():
     z, c = torch.randn(5, 20), torch.randn(20)
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         probs = softmax_center(_with(z, (2, 3), float("nan")), c, 0.04)
@@ -313,7 +316,28 @@ def test_nonfinite_gives_nan_when_check_is_off():
         probs = softmax_center(z, _with(c, 7, float("nan")), 0.04)
         assert torch.isnan(probs).all()
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
+
+
+def test_finite_checks_default_to_the_cpu_only():
+    """DINOKERNELS_CHECK_FINITE: auto (default) checks on the CPU, where it is cheap, and not on CUDA, where reading
+    the flag back would make every op wait for the GPU; 1 checks everywhere, 0 nowhere."""
+    import subprocess
+    import sys
+
+    code = "from dinokernels import _config; print(_config.check_finite('cpu'), _config.check_finite('cuda'))"
+    for value, expected in ((None, "True False"), ("auto", "True False"), ("1", "True True"), ("0", "False False")):
+        env = {k: v for k, v in os.environ.items() if k != "DINOKERNELS_CHECK_FINITE"}
+        if value is not None:
+            env["DINOKERNELS_CHECK_FINITE"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split(), (value, out.stdout)
+    with _config.checking_finite(True):
+        assert _config.check_finite("cuda") and _config.check_finite("cpu")
+        with _config.checking_finite(None):
+            assert _config.check_finite("cpu") and not _config.check_finite("cuda")
+    with pytest.raises(ValueError, match="DINOKERNELS_CHECK_FINITE must be auto, 0 or 1"):
+        _config._parse_flag("sometimes", "DINOKERNELS_CHECK_FINITE")
 
 
 # ---------------------------------------------------------------- CUDA kernel
@@ -355,8 +379,9 @@ def test_cuda_matches_cpu_kernel_and_bad_input():
     assert torch.isfinite(softmax_center(huge, torch.zeros(777, device="cuda"), 0.04)).all()
     bad = c.clone().cuda()
     bad[11] = float("nan")
-    with pytest.raises(ValueError, match="'center'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'center'.*non-finite"):
         softmax_center(z.cuda(), bad, 0.07)
+    assert not torch.isfinite(softmax_center(z.cuda(), bad, 0.07)).all()  # CUDA default: unchecked
     torch.library.opcheck(registered("softmax_center"), (z[:5, :33].contiguous().cuda(), c[:33].cuda(), 0.04, True))
 
 
@@ -384,5 +409,6 @@ def test_cuda_rows_split_over_blocks():
         torch.testing.assert_close(probs_huge.cpu(), softmax_center(huge, c, 0.04), rtol=1e-4, atol=1e-9)
         bad = z.clone()
         bad[3, k - 2] = float("nan")
-        with pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
+        with _config.checking_finite(True), pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
             softmax_center(bad.cuda(), c.cuda(), 0.04)
+        assert not torch.isfinite(softmax_center(bad.cuda(), c.cuda(), 0.04)).all()  # CUDA default: unchecked
