@@ -45,7 +45,7 @@ def main(argv=None):
     shape_list = shapes.IBOT_QUICK if args.quick else shapes.IBOT
     print(f"iBOT patch loss on {harness.device_name(args.device)}", flush=True)
     records = harness.run("ibot_patch_loss", args.device,
-                          cases(args.device, dtypes, shape_list, args.device == "cuda"),
+                          cases(args.device, dtypes, shape_list, harness.compile_reference(args)),
                           rounds=args.rounds, min_run_time=args.min_run_time)
     return harness.finish("ibot_patch_loss", records, args)
 

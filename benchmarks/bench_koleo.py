@@ -43,7 +43,7 @@ def main(argv=None):
     args = harness.standard_parser(__doc__).parse_args(argv)
     dinokernels.set_backend("kernel")  # a missing kernel must fail the benchmark, not time the reference twice
     dtypes = [getattr(torch, d) for d in args.dtype]
-    compiled = torch.compile(koleo_loss_ref, dynamic=True) if args.device == "cuda" else None
+    compiled = torch.compile(koleo_loss_ref, dynamic=True) if harness.compile_reference(args) else None
     shape_list = shapes.KOLEO_QUICK if args.quick else shapes.KOLEO
     print(f"KoLeo on {harness.device_name(args.device)}", flush=True)
     records = harness.run("koleo", args.device, cases(args.device, dtypes, shape_list, compiled),

@@ -118,7 +118,7 @@ def main(argv=None):
     shape_list = shapes.MSDA_QUICK if args.quick else shapes.MSDA
     print(f"MSDA on {harness.device_name(args.device)}", flush=True)
     records = harness.run("ms_deform_attn", args.device,
-                          cases(args.device, dtypes, shape_list, args.device == "cuda"),
+                          cases(args.device, dtypes, shape_list, harness.compile_reference(args)),
                           rounds=args.rounds, min_run_time=args.min_run_time)
     if args.device == "cuda":
         add_bandwidth(records, args.device)

@@ -39,7 +39,7 @@ def main(argv=None):
     shape_list = shapes.SOFTMAX_CENTER_QUICK if args.quick else shapes.SOFTMAX_CENTER
     print(f"softmax_center on {harness.device_name(args.device)}", flush=True)
     records = harness.run("softmax_center", args.device,
-                          cases(args.device, dtypes, shape_list, args.device == "cuda"),
+                          cases(args.device, dtypes, shape_list, harness.compile_reference(args)),
                           rounds=args.rounds, min_run_time=args.min_run_time)
     return harness.finish("softmax_center", records, args)
 

@@ -64,9 +64,13 @@ def git_sha() -> str:
 def environment(device: str) -> dict:
     import dinokernels
 
-    return {"device": device, "device_name": device_name(device), "torch": torch.__version__,
-            "dinokernels": dinokernels.__version__, "git": git_sha(),
-            "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+           "dinokernels": dinokernels.__version__, "git": git_sha(),
+           "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if hasattr(os, "getloadavg"):  # other processes on a shared machine: ratios from one run stay comparable
+        env["load_1min"] = round(os.getloadavg()[0], 2)
+        env["cpu_count"] = os.cpu_count()
+    return env
 
 
 # ---------------------------------------------------------------- timing
@@ -212,6 +216,9 @@ def run(bench: str, device: str, cases, rounds: int = 5, min_run_time: float = 0
                 rec["speedup_vs_" + reference] = ref["median_ms"] / rec["median_ms"]
                 if ref.get("peak_mb") and rec.get("peak_mb") is not None:
                     rec["memory_vs_" + reference] = rec["peak_mb"] / ref["peak_mb"]
+        compiled, kernel = group.get(COMPILED), group.get("kernel")
+        if compiled is not None and kernel is not None:  # kernel vs the reference under torch.compile, same run
+            kernel["speedup_vs_" + COMPILED] = compiled["median_ms"] / kernel["median_ms"]
     return records
 
 
@@ -224,6 +231,9 @@ def print_table(records, key_fields, reference: str = "reference"):
     impls = list(dict.fromkeys(r["impl"] for r in records))
     header = key_fields + [f"{i} ms" for i in impls] + [f"{i} MB" for i in impls] + \
         [f"{i} speed-up" for i in impls if i != reference] + [f"{i} memory" for i in impls if i != reference]
+    with_compiled = COMPILED in impls and "kernel" in impls
+    if with_compiled:
+        header.append("kernel vs compiled")
     rows = {}
     for r in records:
         rows.setdefault(tuple(r[k] for k in key_fields), {})[r["impl"]] = r
@@ -236,6 +246,8 @@ def print_table(records, key_fields, reference: str = "reference"):
                   for i in impls if i != reference]
         cells += [_ratio(group[i].get("memory_vs_" + reference)) if i in group else ""
                   for i in impls if i != reference]
+        if with_compiled:
+            cells.append(_ratio(group.get("kernel", {}).get("speedup_vs_" + COMPILED)))
         lines.append(" | ".join(cells))
     return "\n".join("| " + line + " |" for line in lines)
 
@@ -254,6 +266,8 @@ def append_jsonl(records, path: Path):
         for rec in records:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
+
+COMPILED = "reference_compiled"  # the reference under torch.compile
 
 TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "dino_loss": ["variant", "S", "T", "B", "K", "dtype", "mode"],
@@ -286,20 +300,33 @@ def standard_parser(doc: str, default_dtypes=("float32",)):
     parser.add_argument("--record", action="store_true",
                         help="append to benchmarks/results.jsonl and rewrite benchmarks/RESULTS.md")
     parser.add_argument("--jsonl", type=Path, default=None, help="also append the records here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the reference under torch.compile (always done with --device cuda)")
     parser.add_argument("--require-target", action="store_true",
                         help="exit with status 1 when a CPU target is measured and not met")
     return parser
 
 
+def compile_reference(args) -> bool:
+    """Whether a bench times the reference under torch.compile too (`reference_compiled`): on CUDA, or --compile."""
+    return args.device == "cuda" or bool(getattr(args, "compile", False))
+
+
 def check_targets(records, targets) -> bool:
-    """targets: [(params that select the kernel record, min speed-up, max memory ratio or None, text)].
+    """targets: [(params that select the kernel record, min speed-up, max memory ratio or None, text[, baseline])]
+    with baseline "reference" (default) or "reference_compiled" (measured only with --compile on the CPU).
     Prints a verdict per measured target; False when one is measured and missed."""
     ok_all = True
-    for match, speedup, memory, text in targets:
+    for match, speedup, memory, text, *rest in targets:
+        baseline = rest[0] if rest else "reference"
         for rec in records:
             if rec["impl"] != "kernel" or any(rec.get(k) != v for k, v in match.items()):
                 continue
-            speed, mem = rec.get("speedup_vs_reference", 0.0), rec.get("memory_vs_reference")
+            if "speedup_vs_" + baseline not in rec:
+                continue
+            speed, mem = rec.get("speedup_vs_" + baseline, 0.0), rec.get("memory_vs_reference")
+            if baseline != "reference":
+                mem, memory = None, None
             ok = speed >= speedup and (memory is None or (mem is not None and mem <= memory))
             ok_all &= ok
             print(f"target ({text}): {speed:.2f}x, memory {_ratio(mem)} -> {'met' if ok else 'NOT met'}")
@@ -347,12 +374,17 @@ def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):
              "Generated by `python benchmarks/harness.py --render` from `benchmarks/results.jsonl`; each table is "
              "the latest run of one benchmark on one device. Times are medians over interleaved rounds; "
              "speed-up and memory are ratios to the pure-PyTorch reference measured in the same run (memory: "
-             "kernel peak / reference peak, lower is better). Reproduce with the command under each table.", ""]
+             "kernel peak / reference peak, lower is better); 'kernel vs compiled' is the reference under "
+             "torch.compile divided by the kernel, same run (CPU: with --compile). On a shared machine the absolute "
+             "times move with the load noted under each table; the ratios, measured side by side, much less. "
+             "Reproduce with the command under each table.", ""]
     for (bench, dev), time in sorted(latest.items()):
         rows = [r for r in records if r["bench"] == bench and r["device_name"] == dev and r["time"] == time]
         first = rows[0]
+        load = (f", 1-min load {first['load_1min']} on {first.get('cpu_count')} CPUs at the start"
+                if first.get("load_1min") is not None else "")
         parts += [f"## {bench} on {dev}", "",
-                  f"{time}, torch {first['torch']}, dinokernels {first['dinokernels']} ({first['git']}). "
+                  f"{time}, torch {first['torch']}, dinokernels {first['dinokernels']} ({first['git']}){load}. "
                   f"`{first.get('command', '')}`", "",
                   print_table(rows, TABLE_KEYS.get(bench, ["mode"]), TABLE_REFERENCE.get(bench, "reference")), ""]
         notes = [r["note"] for r in rows if r.get("note")]

@@ -20,8 +20,8 @@ IBOT_QUICK = [{"n": 1024, "K": 65536}]
 # Teacher targets: N = 2B global-crop rows (softmax_center), N = 1024 for the Sinkhorn-Knopp target shape.
 SOFTMAX_CENTER = [{"N": 64, "K": 65536}, {"N": 512, "K": 65536}]
 SOFTMAX_CENTER_QUICK = [{"N": 64, "K": 65536}]
-SINKHORN = [{"N": 1024, "K": 65536}, {"N": 256, "K": 131072}]
-SINKHORN_QUICK = [{"N": 1024, "K": 65536}]
+SINKHORN = [{"N": 1024, "K": 65536}, {"N": 256, "K": 65536}, {"N": 256, "K": 131072}]
+SINKHORN_QUICK = [{"N": 1024, "K": 65536}, {"N": 256, "K": 65536}]  # the issues' CPU targets
 
 # Grounding DINO matching: B images, Q = 900 queries, G targets per image, T = 256 text tokens; L = 1 (one layer)
 # or 7 (6 decoder layers + encoder: all the matchings of one training step).

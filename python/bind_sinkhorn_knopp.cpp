@@ -18,7 +18,7 @@ void init_sinkhorn_knopp(py::module_& m) {
         py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("beta_out"),
         py::arg("num_threads"));
   m.def("sinkhorn_knopp_output_cpu", dk_bind::without_gil(&output_cpu), py::arg("z"), py::arg("dtype"),
-        py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("beta"), py::arg("out"),
+        py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("out"),
         py::arg("num_threads"));
 
   m.def("sinkhorn_knopp_workspace_bytes_cuda", &workspace_bytes_cuda, py::arg("n"), py::arg("k"));
@@ -32,6 +32,6 @@ void init_sinkhorn_knopp(py::module_& m) {
         py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("beta_out"),
         py::arg("device_index"), py::arg("stream"));
   m.def("sinkhorn_knopp_output_cuda", dk_bind::without_gil(&output_cuda), py::arg("z"), py::arg("dtype"),
-        py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("beta"), py::arg("out"),
+        py::arg("n"), py::arg("k"), py::arg("teacher_temp"), py::arg("alpha"), py::arg("out"),
         py::arg("device_index"), py::arg("stream"));
 }

@@ -16,6 +16,12 @@ void init_soft_ce(py::module_& m) {
         py::arg("student_temp"), py::arg("teacher_temp"), py::arg("scale"), py::arg("loss"),
         py::arg("student_stats"), py::arg("target_sum"), py::arg("teacher_stats"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("num_threads"));
+  m.def("soft_ce_forward_backward_cpu", dk_bind::without_gil(&forward_backward_cpu), py::arg("student"),
+        py::arg("teacher"), py::arg("center"), py::arg("weights"), py::arg("dtype"), py::arg("views"),
+        py::arg("teachers"), py::arg("batch"), py::arg("classes"), py::arg("skip_same_view"),
+        py::arg("teacher_logits"), py::arg("student_temp"), py::arg("teacher_temp"), py::arg("scale"),
+        py::arg("loss"), py::arg("student_stats"), py::arg("target_sum"), py::arg("teacher_stats"),
+        py::arg("grad_student"), py::arg("num_threads"));
   m.def("soft_ce_backward_cpu", dk_bind::without_gil(&backward_cpu), py::arg("grad_loss"), py::arg("student"),
         py::arg("teacher"), py::arg("center"), py::arg("weights"), py::arg("dtype"), py::arg("views"),
         py::arg("teachers"), py::arg("batch"), py::arg("classes"), py::arg("skip_same_view"),

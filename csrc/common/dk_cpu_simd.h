@@ -14,6 +14,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace dk {
 namespace cpu {
@@ -85,6 +88,22 @@ class FlushDenormals {
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 };
+
+// Asks Linux to back the 2 MB-aligned interior of a fresh output buffer with transparent huge pages (a hint; a
+// no-op where THP is off or elsewhere). torch's CPU allocator maps a large tensor afresh on every call, and
+// first-touching 64 MB in 4 KB pages costs 16k page faults, as long as the kernel's own memory traffic; call
+// before the first write.
+inline void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(1) << 21;
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(data) + std::uintptr_t(bytes)) & ~(kHuge - 1);
+  if (bytes >= int64_t(4 * kHuge) && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 // Lane-wise maximum. NaN lanes of b win, NaN lanes of a lose; callers rely on NaN reaching a later sum instead.
 template <typename V>

@@ -85,21 +85,22 @@ __device__ DK_INLINE float block_max(float v, float* scratch) {
   return warp_max(v);
 }
 
-// Online-softmax step: fold one value a into the running (m, s) = (max, Σexp(· − max)).
-__device__ DK_INLINE void online_add(float& m, float& s, float a) {
+// Online-softmax step: fold one value a into the running (m, s) = (max, Σexp((· − max)·scale)).
+__device__ DK_INLINE void online_add(float& m, float& s, float a, float scale = 1.f) {
   if (a > m) {
-    s = s * expf(m - a) + 1.f;  // m = −inf on the first value: s·0 + 1
+    s = s * expf((m - a) * scale) + 1.f;  // m = −inf on the first value: s·0 + 1
     m = a;
   } else if (a != -INFINITY) {  // −inf adds nothing (and −inf − (−inf) would be NaN); NaN falls through
-    s += expf(a - m);
+    s += expf((a - m) * scale);
   }
 }
 
-// Merge the (m, s) pairs of the whole block; every thread gets the result. `scratch` holds 64 floats.
-__device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch) {
+// Merge the (m, s) pairs of the whole block; every thread gets the result. `scratch` holds 64 floats. scale as
+// in merge_max_sum.
+__device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch, float scale = 1.f) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    merge_max_sum(m, s, m2, s2);
+    merge_max_sum(m, s, m2, s2, scale);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
   __syncthreads();
@@ -109,7 +110,7 @@ __device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch
   s = lane < n_warps ? scratch[32 + lane] : 0.f;
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    merge_max_sum(m, s, m2, s2);
+    merge_max_sum(m, s, m2, s2, scale);
   }
 }
 

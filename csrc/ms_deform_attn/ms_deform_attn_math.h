@@ -13,6 +13,7 @@ namespace dk {
 namespace ms_deform_attn {
 
 constexpr const char* kOp = "ms_deform_attn";
+constexpr int64_t kMaxSide = int64_t(1) << 23;  // largest H or W of a level
 
 // Level geometry, small enough to pass by value as a CUDA kernel parameter.
 struct Levels {
@@ -44,8 +45,11 @@ inline Levels read_levels(std::uintptr_t spatial_shapes, std::uintptr_t level_st
   int64_t total = 0;
   for (int l = 0; l < lv.count; ++l) {
     const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
-    DK_CHECK_ARG(h >= 1 && w >= 1 && h <= (1 << 24) && w <= (1 << 24), kOp, "spatial_shapes", "level ", l,
-                 " has (H, W) = (", h, ", ", w, "); each must be in [1, 2^24]");
+    // float32 pixel coordinates x·W − 0.5 are exact only while x·W < 2^23: beyond, the spacing of floats is 1
+    // and the half-pixel offset rounds away (the sample lands half a pixel off).
+    DK_CHECK_ARG(h >= 1 && w >= 1 && h <= kMaxSide && w <= kMaxSide, kOp, "spatial_shapes", "level ", l,
+                 " has (H, W) = (", h, ", ", w, "); each must be in [1, 2^23] (float32 sampling coordinates lose the "
+                 "half-pixel offset beyond)");
     DK_CHECK_ARG(starts[l] == total, kOp, "level_start_index", "must be the exclusive prefix sum of H·W; level ",
                  l, " starts at ", starts[l], ", expected ", total);
     lv.height[l] = int(h), lv.width[l] = int(w), lv.start[l] = total;

@@ -1,4 +1,6 @@
-// DINOv2's Sinkhorn-Knopp teacher targets (SPEC §3.3) in the log domain. With a = z/τ_t the official
+// DINOv2's Sinkhorn-Knopp teacher targets (SPEC §3.3). The single-process CPU kernel exponentiates once relative
+// to the column maxima and iterates on scaling vectors (sinkhorn_knopp_cpu.cpp); the stages below and the CUDA
+// kernels work in the log domain. With a = z/τ_t the official
 // iterations equal P_bk = exp(a_bk + α_k + β_b) where, starting from β = 0, each iteration sets
 //   α_k = −LSE_b(a_bk + β_b)   (over the samples of every rank: the "prototype" step)
 //   β_b = −LSE_k(a_bk + α_k)   (per sample: the "sample" step)
@@ -34,9 +36,10 @@ void sample_step_cpu(std::uintptr_t z, int dtype, int64_t n, int64_t k, double t
                      std::uintptr_t alpha,     // (K,) dtype
                      std::uintptr_t beta_out,  // (N,) dtype
                      int num_threads);
-// out_bk = exp(a_bk + α_k + β_b).
+// out_bk = exp(a_bk + α_k + β_b) with β from one more sample step, computed as the row softmax over k of
+// a_bk + α_k (sinkhorn_knopp_math.h: rows sum to 1 for any finite input).
 void output_cpu(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
-                std::uintptr_t beta, std::uintptr_t out, int num_threads);
+                std::uintptr_t out, int num_threads);
 
 // ---- CUDA: z float32/float16/bfloat16; α, β, statistics and output float32 ----
 
@@ -50,7 +53,7 @@ void prototype_stats_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, dou
 void sample_step_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
                       std::uintptr_t beta_out, int device_index, std::uintptr_t stream);
 void output_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
-                 std::uintptr_t beta, std::uintptr_t out, int device_index, std::uintptr_t stream);
+                 std::uintptr_t out, int device_index, std::uintptr_t stream);
 
 #ifndef DK_WITH_CUDA
 inline int64_t workspace_bytes_cuda(int64_t, int64_t) { cuda::throw_not_compiled("sinkhorn_knopp_cuda"); }
@@ -66,8 +69,8 @@ inline void sample_step_cuda(std::uintptr_t, int, int64_t, int64_t, double, std:
                              std::uintptr_t) {
   cuda::throw_not_compiled("sinkhorn_knopp_sample_step_cuda");
 }
-inline void output_cuda(std::uintptr_t, int, int64_t, int64_t, double, std::uintptr_t, std::uintptr_t,
-                        std::uintptr_t, int, std::uintptr_t) {
+inline void output_cuda(std::uintptr_t, int, int64_t, int64_t, double, std::uintptr_t, std::uintptr_t, int,
+                        std::uintptr_t) {
   cuda::throw_not_compiled("sinkhorn_knopp_output_cuda");
 }
 #endif

@@ -1,6 +1,7 @@
 // CUDA Sinkhorn-Knopp in the log domain (see sinkhorn_knopp.h). Prototype step: blocks of 32 columns × 8 row
 // groups; each thread folds its rows into an online (max, Σexp) pair, the 8 pairs of a column merge in shared
-// memory (fixed order: deterministic). Sample step: one block per row. Output: one block per row.
+// memory (fixed order: deterministic). Sample step: one block per row. Output: one block per row, normalising the
+// row by its own sum.
 #include "../common/dk_cuda.cuh"
 #include "sinkhorn_knopp.h"
 #include "sinkhorn_knopp_math.h"
@@ -52,14 +53,20 @@ __global__ void __launch_bounds__(kRowThreads)
   if (threadIdx.x == 0) beta[blockIdx.x] = -(m + logf(s));
 }
 
+// Row b of the targets: the softmax over k of c = a + α from the row's own (max, Σ) (sinkhorn_knopp_math.h).
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     output_kernel(const T* __restrict__ z, int64_t k, float inv_temp, const float* __restrict__ alpha,
-                  const float* __restrict__ beta, float* __restrict__ out) {
+                  float* __restrict__ out) {
+  __shared__ float scratch[64];
   const int64_t offset = int64_t(blockIdx.x) * k;
-  const float shift = beta[blockIdx.x];
+  float m = -INFINITY, s = 0.f;
   for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
-    out[offset + j] = expf(__fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j] + shift);
+    online_add(m, s, __fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j]);
+  block_merge_max_sum(m, s, scratch);
+  const float inv_s = 1.f / s;
+  for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
+    out[offset + j] = row_probability(__fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j], m, inv_s);
 }
 
 __global__ void count_nonfinite_kernel(const float* __restrict__ values, int64_t count, int* __restrict__ flag) {
@@ -121,7 +128,7 @@ void forward_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teac
     }
     count_nonfinite_kernel<<<64, 256, 0, s>>>(alpha, k + n, as_ptr<int>(nonfinite));  // α and β are adjacent
     cuda::check_launch(kOp);
-    output_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, beta, as_ptr<float>(out));
+    output_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, as_ptr<float>(out));
     cuda::check_launch(kOp);
   });
 }
@@ -157,18 +164,16 @@ void sample_step_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double 
 }
 
 void output_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
-                 std::uintptr_t beta, std::uintptr_t out, int device_index, std::uintptr_t stream) {
+                 std::uintptr_t out, int device_index, std::uintptr_t stream) {
   check_common(z, n, k, teacher_temp);
   check_pointer(as_ptr<void>(alpha), kOp, "alpha");
   if (n == 0) return;
-  check_pointer(as_ptr<void>(beta), kOp, "beta");
   check_pointer(as_ptr<void>(out), kOp, "out");
   cuda::prepare_device(kOp, device_index);
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     output_kernel<T><<<unsigned(n), kRowThreads, 0, cuda::as_stream(stream)>>>(
-        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<const float>(beta),
-        as_ptr<float>(out));
+        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<float>(out));
   });
   cuda::check_launch(kOp);
 }

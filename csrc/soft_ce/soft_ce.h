@@ -40,6 +40,15 @@ void forward_cpu(std::uintptr_t student,  // (S, B, K) dtype
                  std::uintptr_t teacher_stats,  // (2, T, B) acc: the same of (z_tb − c)/τ_t, teacher_logits only
                  std::uintptr_t workspace, int64_t workspace_bytes, int num_threads);
 
+// forward_cpu and backward_cpu with grad_loss = 1 in one pass over the student (one exponential per element):
+// writes what forward_cpu writes (teacher_stats in logits mode too) and grad_student (S, B, K) dtype.
+void forward_backward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
+                          std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
+                          int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
+                          double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_stats,
+                          std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t grad_student,
+                          int num_threads);
+
 void backward_cpu(std::uintptr_t grad_loss,  // () acc
                   std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center, std::uintptr_t weights,
                   int dtype, int64_t views, int64_t teachers, int64_t batch, int64_t classes, bool skip_same_view,

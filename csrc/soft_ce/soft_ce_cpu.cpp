@@ -1,6 +1,6 @@
-// CPU soft cross-entropy (see soft_ce.h). Rounding: the forward and the backward must see bit-identical
-// z/τ − max values, so every such expression has the same shape in both (z·inv − m, which -ffp-contract turns
-// into one FMA in both places), and teacher logits are stored rounded before use in both.
+// CPU soft cross-entropy (see soft_ce.h; shared arithmetic in soft_ce_math.h). Exponents are (z − max)/τ_s and
+// (d − max)·2/τ_t: a difference before a product, which no fused multiply-add can round differently in the
+// forward and the backward.
 //
 // Rows split into 2048-column chunks, one task per (row b, chunk), all
 // S student and T teacher rows of that b at once so every teacher chunk is read (or exponentiated) once per b,
@@ -40,6 +40,12 @@ void check_args(const Args& a, int dtype, std::uintptr_t student, std::uintptr_t
   DK_CHECK_ARG(!a.teacher_logits || (std::isfinite(a.teacher_temp) && a.teacher_temp > 0), kOp, "teacher_temp",
                "must be positive and finite, got ", a.teacher_temp);
   DK_CHECK_ARG(std::isfinite(a.scale), kOp, "scale", "must be finite, got ", a.scale);
+  // The exponent factors 1/τ_s and 2/τ_t must be finite in the kernel's dtype.
+  const bool f32 = dtype == kFloat32;
+  DK_CHECK_ARG(!f32 || std::isfinite(float(1.0 / a.student_temp)), kOp, "student_temp",
+               "is too small for float32 (1/student_temp overflows), got ", a.student_temp);
+  DK_CHECK_ARG(!a.teacher_logits || !f32 || std::isfinite(softmax_center::temperature_factor<float>(a.teacher_temp)),
+               kOp, "teacher_temp", "is too small for float32 (2/teacher_temp overflows), got ", a.teacher_temp);
   check_pointer(as_ptr<void>(student), kOp, "student_logits");
   check_pointer(as_ptr<void>(teacher), kOp, "teacher");
   if (a.teacher_logits) check_pointer(as_ptr<void>(center), kOp, "center");
@@ -58,35 +64,43 @@ T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// Teacher logits of one chunk → e = exp(a − m) into out, a = (z − center)·inv_temp; returns (m, Σe).
+// Teacher logits of one chunk → e = exp((d − m)·factor) into out, d = z/2 − center/2 and factor = 2/τ_t
+// (softmax_center_math.h); returns (m, Σe).
 template <typename T>
-void teacher_chunk_exp(const T* z, const T* center, T inv_temp, int64_t n, T* out, T& m, T& s) {
+void teacher_chunk_exp(const T* z, const T* center, T factor, int64_t n, T* out, T& m, T& s) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   int64_t k = 0;
   typename S::vec vm = S::splat(-INFINITY);
   for (; k + L <= n; k += L) {
-    const typename S::vec a = (S::load(z + k) - S::load(center + k)) * inv_temp;
-    S::store(out + k, a);
-    vm = cpu::vmax(vm, a);
+    const typename S::vec d = softmax_center::half_centered(S::load(z + k), S::load(center + k));
+    S::store(out + k, d);
+    vm = cpu::vmax(vm, d);
   }
   m = -INFINITY;
   for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
   for (; k < n; ++k) {
-    out[k] = (z[k] - center[k]) * inv_temp;
+    out[k] = softmax_center::half_centered(z[k], center[k]);
     m = std::max(m, out[k]);
   }
   typename S::vec vs{};
   for (k = 0; k + L <= n; k += L) {
-    const typename S::vec e = cpu::vexp(S::load(out + k) - m);
+    const typename S::vec e = cpu::vexp(softmax_center::exponent(S::load(out + k), m, factor));
     S::store(out + k, e);
     vs += e;
   }
   s = S::sum(vs);
   for (; k < n; ++k) {
-    out[k] = std::exp(out[k] - m);
+    out[k] = std::exp(softmax_center::exponent(out[k], m, factor));
     s += out[k];
   }
+}
+
+// Lane-wise target_times_exponent: 0 where the target is 0, even against x = −inf.
+template <typename V>
+inline V vtarget_times_exponent(V p, V x) {
+  const V zero{};
+  return p == zero ? zero : p * x;
 }
 
 // One (b, chunk) task of the forward: fills the chunk record.
@@ -103,14 +117,15 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
     teacher_rows[t] = teacher + t * row_stride + b * a.classes + k0;
     if (a.teacher_logits) {
       T* e = teacher_buffer + t * kChunk;
-      teacher_chunk_exp(teacher_rows[t], center + k0, T(1.0 / a.teacher_temp), n, e, record[layout.teacher(t)],
+      teacher_chunk_exp(teacher_rows[t], center + k0, softmax_center::temperature_factor<T>(a.teacher_temp), n, e,
+                        record[layout.teacher(t)],
                         record[layout.teacher(t) + 1]);
       teacher_rows[t] = e;
     }
   }
   for (int64_t v = 0; v < a.views; ++v) {
     const T* z = student + v * row_stride + b * a.classes + k0;
-    const T m = row_max(z, n) * inv_ts;
+    const T m = row_max(z, n);  // in the logits' space: x = (z − m)/τ_s
     T* rec = record + layout.student(v);
     typename S::vec vs{}, vd{}, vp{};
     int64_t k = 0;
@@ -121,35 +136,36 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       for (int64_t t = 0; t < a.teachers; ++t)
         if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = teacher_rows[t];
       for (; k + L <= n; k += L) {
-        const typename S::vec x = S::load(z + k) * inv_ts - m;
+        const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
         vs += cpu::vexp(x);
         typename S::vec p{};
         for (int j = 0; j < n_paired; ++j) p += S::load(paired_rows[j] + k);
-        vd += p * x;
+        vd += vtarget_times_exponent(p, x);
         vp += p;
       }
       T s = S::sum(vs), d = S::sum(vd), mass = S::sum(vp);
       for (; k < n; ++k) {
-        const T x = z[k] * inv_ts - m;
+        const T x = student_exponent(z[k], m, inv_ts);
         s += std::exp(x);
         T p = 0;
         for (int j = 0; j < n_paired; ++j) p += paired_rows[j][k];
-        d += p * x;
+        d += target_times_exponent(p, x);
         mass += p;
       }
       rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
     } else {
-      for (; k + L <= n; k += L) vs += cpu::vexp(S::load(z + k) * inv_ts - m);
+      for (; k + L <= n; k += L) vs += cpu::vexp(student_exponent(S::load(z + k), m, inv_ts));
       T s = S::sum(vs);
-      for (; k < n; ++k) s += std::exp(z[k] * inv_ts - m);
+      for (; k < n; ++k) s += std::exp(student_exponent(z[k], m, inv_ts));
       rec[0] = m, rec[1] = s, rec[2] = 0, rec[3] = 0;
       for (int64_t t = 0; t < a.teachers; ++t) {
         if (!paired(v, t, a.skip_same_view)) continue;
         const T* e = teacher_rows[t];
         typename S::vec acc{};
-        for (k = 0; k + L <= n; k += L) acc += S::load(e + k) * (S::load(z + k) * inv_ts - m);
+        for (k = 0; k + L <= n; k += L)
+          acc += vtarget_times_exponent(S::load(e + k), student_exponent(S::load(z + k), m, inv_ts));
         T d = S::sum(acc);
-        for (; k < n; ++k) d += e[k] * (z[k] * inv_ts - m);
+        for (; k < n; ++k) d += target_times_exponent(e[k], student_exponent(z[k], m, inv_ts));
         record[layout.pair(v, t)] = d;
       }
     }
@@ -181,7 +197,8 @@ void forward_impl(const Args& a, const T* student, const T* teacher, const T* ce
   for (int64_t b = 0; b < a.batch; ++b) {
     const T l = combine_row(records + b * chunks * record_size, record_size, chunks, layout, a.skip_same_view,
                             a.teacher_logits, a.batch, b, RowStats<T>{student_stats, a.views, a.batch}, target_sum,
-                            RowStats<T>{teacher_stats, a.teachers, a.batch});
+                            RowStats<T>{teacher_stats, a.teachers, a.batch}, T(1.0 / a.student_temp),
+                            softmax_center::temperature_factor<T>(a.teacher_temp));
     row_loss[size_t(b)] = weights ? weights[b] * l : l;
   }
   double total = 0;
@@ -196,7 +213,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   const int64_t chunks = n_chunks(a.classes), tasks = a.batch * chunks, row_stride = a.batch * a.classes;
-  const T inv_ts = T(1.0 / a.student_temp), inv_tt = T(1.0 / a.teacher_temp);
+  const T inv_ts = T(1.0 / a.student_temp), factor = softmax_center::temperature_factor<T>(a.teacher_temp);
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
 #pragma omp parallel num_threads(threads)
   {
@@ -210,18 +227,18 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
       const T* rows[64];
       for (int64_t t = 0; t < a.teachers; ++t) {
         rows[t] = teacher + t * row_stride + b * a.classes + k0;
-        if (a.teacher_logits) {  // p_t = exp(a_t − LSE_t), recomputed instead of stored by the forward
+        if (a.teacher_logits) {  // p_t = exp((d − M)·2/τ_t − log Σ), recomputed instead of stored by the forward
           T* p = buffer.data() + t * kChunk;
           const T mx = teacher_stats[t * a.batch + b], ls = teacher_stats[(a.teachers + t) * a.batch + b];
-          // a is stored before use, exactly as teacher_chunk_exp does in the forward: a fused multiply-add
-          // would skip the rounding of a, and at |a| ~ 1e5 half an ulp moves the target by a percent.
           const T* z = rows[t];
           const T* cen = center + k0;
           int64_t k = 0;
-          for (; k + L <= n; k += L) S::store(p + k, (S::load(z + k) - S::load(cen + k)) * inv_tt);
-          for (; k < n; ++k) p[k] = (z[k] - cen[k]) * inv_tt;
-          for (k = 0; k + L <= n; k += L) S::store(p + k, cpu::vexp((S::load(p + k) - mx) - ls));
-          for (; k < n; ++k) p[k] = std::exp((p[k] - mx) - ls);
+          for (; k + L <= n; k += L)
+            S::store(p + k, cpu::vexp(softmax_center::exponent(
+                                          softmax_center::half_centered(S::load(z + k), S::load(cen + k)), mx,
+                                          factor) - ls));
+          for (; k < n; ++k)
+            p[k] = std::exp(softmax_center::exponent(softmax_center::half_centered(z[k], cen[k]), mx, factor) - ls);
           rows[t] = p;
         }
       }
@@ -241,13 +258,200 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         }
         int64_t k = 0;
         for (; k + L <= n; k += L) {
-          const typename S::vec soft = cpu::vexp((S::load(z + k) * inv_ts - mx) - ls);
+          const typename S::vec soft = cpu::vexp(student_exponent(S::load(z + k), mx, inv_ts) - ls);
           S::store(g + k, (soft * mass - S::load(target + k)) * coef);
         }
-        for (; k < n; ++k) g[k] = (std::exp((z[k] * inv_ts - mx) - ls) * mass - target[k]) * coef;
+        for (; k < n; ++k) g[k] = (std::exp(student_exponent(z[k], mx, inv_ts) - ls) * mass - target[k]) * coef;
       }
     }
   }
+}
+
+// ---- Forward and backward in one pass (grad_loss taken as 1; the Python backward scales when it is not) ----
+//
+// One task per sample b: the T teacher rows of b are read once (in logits mode turned into probabilities in a
+// per-thread buffer, with their statistics), the target row shared by the views that pair with every teacher is
+// summed once, then each student row (v, b) is streamed once in 2048-column chunks: its max, then
+// e = exp((z − max_c)/τ_s) written straight into the gradient with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential
+// per element). The chunk records merge with combine_row as in the forward; a last sweep over the row, still in
+// L2, turns e into the gradient (ΣP·softmax − P)·scale·w_b/τ_s. Samples are independent and each is reduced in
+// a fixed order, so the result does not depend on the thread count.
+
+// Teacher logits row → probabilities softmax((z − c)/τ_t) (softmax_center_math.h); returns (max d, log Σ).
+template <typename T>
+void teacher_row_probs(const T* z, const T* center, T factor, int64_t k, T* out, T& max_out, T& log_sum_out) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  typename S::vec vm = S::splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + L <= k; j += L) vm = cpu::vmax(vm, softmax_center::half_centered(S::load(z + j), S::load(center + j)));
+  T m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
+  for (; j < k; ++j) m = std::max(m, softmax_center::half_centered(z[j], center[j]));
+  typename S::vec vs{};
+  for (j = 0; j + L <= k; j += L) {
+    const typename S::vec e = cpu::vexp(
+        softmax_center::exponent(softmax_center::half_centered(S::load(z + j), S::load(center + j)), m, factor));
+    S::store(out + j, e);
+    vs += e;
+  }
+  T s = S::sum(vs);
+  for (; j < k; ++j) {
+    out[j] = std::exp(softmax_center::exponent(softmax_center::half_centered(z[j], center[j]), m, factor));
+    s += out[j];
+  }
+  const T inv_s = T(1) / s;
+  for (j = 0; j + L <= k; j += L) S::store(out + j, S::load(out + j) * inv_s);
+  for (; j < k; ++j) out[j] *= inv_s;
+  max_out = m;
+  log_sum_out = std::log(s);
+}
+
+// Σ of n rows into out.
+template <typename T>
+void sum_rows(const T* const* rows, int n, int64_t k, T* out) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  int64_t j = 0;
+  for (; j + L <= k; j += L) {
+    typename S::vec acc = S::load(rows[0] + j);
+    for (int r = 1; r < n; ++r) acc += S::load(rows[r] + j);
+    S::store(out + j, acc);
+  }
+  for (; j < k; ++j) {
+    T acc = rows[0][j];
+    for (int r = 1; r < n; ++r) acc += rows[r][j];
+    out[j] = acc;
+  }
+}
+
+// Scratch of one thread: teacher probabilities (T, K) in logits mode, the all-teacher target row (K), a row of
+// zeros (the target of a view paired with no teacher: S ≥ 2 views against T = 1), and one row's chunk records.
+template <typename T>
+struct FusedScratch {
+  std::vector<T> teacher_probs, all_targets, zeros, records;
+  explicit FusedScratch(const Args& a)
+      : teacher_probs(a.teacher_logits ? size_t(a.teachers * a.classes) : 0),
+        all_targets(a.teachers > 1 && a.views > a.teachers ? size_t(a.classes) : 0),
+        zeros(a.skip_same_view && a.teachers == 1 ? size_t(a.classes) : 0, T(0)),
+        records(size_t(4 * n_chunks(a.classes))) {}
+};
+
+// Returns Σ_v ℓ_vb (unweighted, unscaled), like combine_row; writes grad rows (v, b) for every v.
+template <typename T>
+T fused_sample(const Args& a, const T* student, const T* teacher, const T* center, const T* weights, int64_t b,
+               T* student_stats, T* target_sum, T* teacher_stats, T* grad, FusedScratch<T>& scratch) {
+  using S = cpu::Simd<T>;
+  constexpr int L = S::kLanes;
+  const int64_t k_all = a.classes, row_stride = a.batch * a.classes, chunks = n_chunks(a.classes);
+  const T inv_ts = T(1.0 / a.student_temp), factor = softmax_center::temperature_factor<T>(a.teacher_temp);
+  const T* rows[64];
+  for (int64_t t = 0; t < a.teachers; ++t) {
+    rows[t] = teacher + t * row_stride + b * k_all;
+    if (a.teacher_logits) {
+      T* p = scratch.teacher_probs.data() + t * k_all;
+      RowStats<T> ts{teacher_stats, a.teachers, a.batch};
+      teacher_row_probs(rows[t], center, factor, k_all, p, ts.max(t, b), ts.log_sum(t, b));
+      rows[t] = p;
+    }
+  }
+  // Views paired with every teacher (the local crops) share one summed target row.
+  bool all_summed = false;
+  if (a.teachers > 1 && a.views > a.teachers) {
+    sum_rows(rows, int(a.teachers), k_all, scratch.all_targets.data());
+    all_summed = true;
+  }
+  const T coef = T(a.scale) * (weights ? weights[b] : T(1)) * inv_ts;
+  T row_loss = 0;
+  for (int64_t v = 0; v < a.views; ++v) {
+    const T* paired_rows[64];
+    int n_paired = 0;
+    for (int64_t t = 0; t < a.teachers; ++t)
+      if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = rows[t];
+    if (all_summed && n_paired == int(a.teachers)) {
+      paired_rows[0] = scratch.all_targets.data();
+      n_paired = 1;
+    }
+    if (n_paired == 0) paired_rows[n_paired++] = scratch.zeros.data();
+    const T* zrow = student + v * row_stride + b * k_all;
+    T* grow = grad + v * row_stride + b * k_all;
+    T* rec = scratch.records.data();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
+      const T* z = zrow + k0;
+      T* g = grow + k0;
+      const T m = row_max(z, n);
+      typename S::vec vs{}, vd{}, vp{};
+      int64_t k = 0;
+      for (; k + L <= n; k += L) {
+        const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
+        const typename S::vec e = cpu::vexp(x);
+        S::store(g + k, e);
+        vs += e;
+        typename S::vec p = S::load(paired_rows[0] + k0 + k);
+        for (int j = 1; j < n_paired; ++j) p += S::load(paired_rows[j] + k0 + k);
+        vd += vtarget_times_exponent(p, x);
+        vp += p;
+      }
+      T sum = S::sum(vs), d = S::sum(vd), mass = S::sum(vp);
+      for (; k < n; ++k) {
+        const T x = student_exponent(z[k], m, inv_ts);
+        g[k] = std::exp(x);
+        sum += g[k];
+        T p = paired_rows[0][k0 + k];
+        for (int j = 1; j < n_paired; ++j) p += paired_rows[j][k0 + k];
+        d += target_times_exponent(p, x);
+        mass += p;
+      }
+      rec[4 * c] = m, rec[4 * c + 1] = sum, rec[4 * c + 2] = d, rec[4 * c + 3] = mass;
+    }
+    // Row v alone through the forward's merge: stats and target sum at (v, b).
+    row_loss += combine_row(rec, int64_t(4), chunks, RecordLayout{1, 0}, a.skip_same_view, false, a.batch, b,
+                            RowStats<T>{student_stats + v * a.batch, a.views, a.batch}, target_sum + v * a.batch,
+                            RowStats<T>{nullptr, 0, a.batch}, inv_ts, factor);
+    const T mx = student_stats[v * a.batch + b], ls = student_stats[(a.views + v) * a.batch + b];
+    const T row_mass = target_sum[v * a.batch + b];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
+      T* g = grow + k0;
+      // softmax = e·exp((m_c − M)/τ_s − log Σ); the gradient ΣP·softmax − P, times coef.
+      const T scale_c = row_mass * std::exp(student_exponent(rec[4 * c], mx, inv_ts) - ls);
+      int64_t k = 0;
+      for (; k + L <= n; k += L) {
+        typename S::vec p = S::load(paired_rows[0] + k0 + k);
+        for (int j = 1; j < n_paired; ++j) p += S::load(paired_rows[j] + k0 + k);
+        S::store(g + k, (S::load(g + k) * scale_c - p) * coef);
+      }
+      for (; k < n; ++k) {
+        T p = paired_rows[0][k0 + k];
+        for (int j = 1; j < n_paired; ++j) p += paired_rows[j][k0 + k];
+        g[k] = (g[k] * scale_c - p) * coef;
+      }
+    }
+  }
+  return row_loss;
+}
+
+template <typename T>
+void forward_backward_impl(const Args& a, const T* student, const T* teacher, const T* center, const T* weights,
+                           T* loss, T* student_stats, T* target_sum, T* teacher_stats, T* grad, int num_threads) {
+  cpu::advise_huge_pages(grad, a.views * a.batch * a.classes * int64_t(sizeof(T)));
+  std::vector<T> row_loss(size_t(a.batch));
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, a.batch)));
+#pragma omp parallel num_threads(threads)
+  {
+    cpu::FlushDenormals flush;
+    FusedScratch<T> scratch(a);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const T l = fused_sample(a, student, teacher, center, weights, b, student_stats, target_sum, teacher_stats,
+                               grad, scratch);
+      row_loss[size_t(b)] = weights ? weights[b] * l : l;
+    }
+  }
+  double total = 0;
+  for (int64_t b = 0; b < a.batch; ++b) total += double(row_loss[size_t(b)]);
+  *loss = T(total * a.scale);
 }
 
 template <typename Body>
@@ -288,6 +492,29 @@ void forward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
     forward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
                     as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_stats), as_ptr<T>(target_sum),
                     as_ptr<T>(teacher_stats), as_ptr<T>(workspace), num_threads);
+  });
+}
+
+void forward_backward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
+                          std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
+                          int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
+                          double teacher_temp, double scale, std::uintptr_t loss, std::uintptr_t student_stats,
+                          std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t grad_student,
+                          int num_threads) {
+  const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
+  check_args(a, dtype, student, teacher, center);
+  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
+  check_pointer(as_ptr<void>(loss), kOp, "loss");
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
+  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_backward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
+                             as_ptr<const T>(weights), as_ptr<T>(loss), as_ptr<T>(student_stats),
+                             as_ptr<T>(target_sum), as_ptr<T>(teacher_stats), as_ptr<T>(grad_student),
+                             num_threads);
   });
 }
 

@@ -3,8 +3,8 @@
 // student row in registers across the max and exp passes, and in logits mode the teacher exps of the chunk in
 // shared memory (each thread reads back only the columns it wrote). A second kernel merges the chunk records
 // per row with the CPU's combine_row, a third sums the rows in a fixed order. Backward: one block per
-// (b, chunk), pure streaming, no atomics. Every z/τ is formed with __fmul_rn: the forward and the backward
-// must round it identically, and nvcc would otherwise fuse some of the products into FMAs and not others.
+// (b, chunk), pure streaming, no atomics. Exponents are (z − max)/τ_s and (d − max)·2/τ_t (soft_ce_math.h): a
+// difference before a product, so no FMA can round the forward's and the backward's differently.
 #include "../common/dk_cuda.cuh"
 #include "soft_ce.h"
 #include "soft_ce_math.h"
@@ -34,7 +34,7 @@ int64_t n_chunks(int64_t classes, int64_t teachers, bool teacher_logits) {
 struct Params {
   int64_t views, teachers, batch, classes, chunk;
   bool skip_same_view, teacher_logits;
-  float inv_ts, inv_tt, scale;
+  float inv_ts, tt_factor, scale;  // 1/τ_s, 2/τ_t (softmax_center_math.h), scale
 };
 
 template <typename TS, typename TT>
@@ -57,12 +57,13 @@ __global__ void __launch_bounds__(kThreads)
       float* e = teacher_exp + t * p.chunk;
       float m = -INFINITY, s = 0.f;
       for (int64_t j = threadIdx.x; j < width; j += kThreads) {
-        const float a = __fmul_rn(to_float(zt[j]) - center[k0 + j], p.inv_tt);
-        e[j] = a;
-        online_add(m, s, a);
+        const float d = softmax_center::half_centered(to_float(zt[j]), center[k0 + j]);
+        e[j] = d;
+        online_add(m, s, d, p.tt_factor);
       }
-      block_merge_max_sum(m, s, scratch);
-      for (int64_t j = threadIdx.x; j < width; j += kThreads) e[j] = expf(e[j] - m);
+      block_merge_max_sum(m, s, scratch, p.tt_factor);
+      for (int64_t j = threadIdx.x; j < width; j += kThreads)
+        e[j] = expf(softmax_center::exponent(e[j], m, p.tt_factor));
       if (threadIdx.x == 0) record[layout.teacher(t)] = m, record[layout.teacher(t) + 1] = s;
     }
   }
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kMaxPerThread; ++i) {
       const int64_t j = threadIdx.x + int64_t(i) * kThreads;
-      x[i] = j < width ? __fmul_rn(to_float(z[j]), p.inv_ts) : -INFINITY;
+      x[i] = j < width ? to_float(z[j]) : -INFINITY;  // raw logits: the max is taken before scaling
       local_max = fmaxf(local_max, x[i]);
     }
     // NaN is dropped by fmaxf here but reaches s below, so the loss still becomes NaN.
@@ -83,13 +84,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kMaxPerThread; ++i) {
       const int64_t j = threadIdx.x + int64_t(i) * kThreads;
       if (j < width) {
-        const float shifted = x[i] - m;
+        const float shifted = student_exponent(x[i], m, p.inv_ts);
         s += expf(shifted);
         if (!p.teacher_logits) {
           float target = 0.f;
           for (int64_t t = 0; t < p.teachers; ++t)
             if (paired(v, t, p.skip_same_view)) target += to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
-          d += target * shifted;
+          d += target_times_exponent(target, shifted);
           mass += target;
         }
       }
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < kMaxPerThread; ++i) {
           const int64_t j = threadIdx.x + int64_t(i) * kThreads;
-          if (j < width) dt += e[j] * (x[i] - m);
+          if (j < width) dt += target_times_exponent(e[j], student_exponent(x[i], m, p.inv_ts));
         }
         dt = block_sum(dt, scratch);
         if (threadIdx.x == 0) record[layout.pair(v, t)] = dt;
@@ -133,7 +134,7 @@ __global__ void combine_kernel(Params p, int64_t chunks, const float* __restrict
   const float l = combine_row(records + b * chunks * layout.size(), layout.size(), chunks, layout,
                               p.skip_same_view, p.teacher_logits, p.batch, b,
                               RowStats<float>{student_stats, p.views, p.batch}, target_sum,
-                              RowStats<float>{teacher_stats, p.teachers, p.batch});
+                              RowStats<float>{teacher_stats, p.teachers, p.batch}, p.inv_ts, p.tt_factor);
   row_loss[b] = weights ? weights[b] * l : l;
 }
 
@@ -164,7 +165,8 @@ __global__ void __launch_bounds__(kThreads)
       const float mx = teacher_stats[t * p.batch + b], ls = teacher_stats[(p.teachers + t) * p.batch + b];
       float* prob = teacher_prob + t * p.chunk;
       for (int64_t j = threadIdx.x; j < width; j += kThreads)
-        prob[j] = expf((__fmul_rn(to_float(zt[j]) - center[k0 + j], p.inv_tt) - mx) - ls);
+        prob[j] = expf(softmax_center::exponent(softmax_center::half_centered(to_float(zt[j]), center[k0 + j]), mx,
+                                                p.tt_factor) - ls);
     }
   }
   const float coef = *grad_loss * p.scale * (weights ? weights[b] : 1.f) * p.inv_ts;
@@ -179,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
         target += p.teacher_logits ? teacher_prob[t * p.chunk + j]
                                    : to_float(teacher[t * row_stride + b * p.classes + k0 + j]);
       }
-      const float soft = expf((__fmul_rn(to_float(student[offset + j]), p.inv_ts) - mx) - ls);
+      const float soft = expf(student_exponent(to_float(student[offset + j]), mx, p.inv_ts) - ls);
       grad_student[offset + j] = from_float<TS>((soft * mass - target) * coef);
     }
   }
@@ -199,8 +201,13 @@ Params make_params(int64_t views, int64_t teachers, int64_t batch, int64_t class
   DK_CHECK_ARG(!teacher_logits || (std::isfinite(teacher_temp) && teacher_temp > 0), kOp, "teacher_temp",
                "must be positive and finite, got ", teacher_temp);
   DK_CHECK_ARG(std::isfinite(scale), kOp, "scale", "must be finite, got ", scale);
+  const float inv_ts = float(1.0 / student_temp), tt_factor = softmax_center::temperature_factor<float>(teacher_temp);
+  DK_CHECK_ARG(std::isfinite(inv_ts), kOp, "student_temp", "is too small for float32 (1/student_temp overflows), got ",
+               student_temp);
+  DK_CHECK_ARG(!teacher_logits || std::isfinite(tt_factor), kOp, "teacher_temp",
+               "is too small for float32 (2/teacher_temp overflows), got ", teacher_temp);
   return Params{views, teachers, batch, classes, chunk_width(teachers, teacher_logits), skip_same_view, teacher_logits,
-                float(1.0 / student_temp), float(1.0 / teacher_temp), float(scale)};
+                inv_ts, tt_factor, float(scale)};
 }
 
 // body(TS*, TT*) with the student's storage type and the teacher's (float32 or the student's).

@@ -1,12 +1,14 @@
 // Arithmetic shared by the CPU and CUDA soft cross-entropy kernels: the per-chunk record layout and the exact
 // merge of chunk records into per-row statistics and the row loss.
 //
-// Rows are split into chunks of columns so that one row can be worked on by several threads or blocks. With
-// x = z/τ_s, a chunk c of student row (v, b) is summarised by its max m_vc, s_vc = Σ exp(x − m_vc) and, for
-// probability targets, d_vc = Σ P·(x − m_vc) and ΣP over the chunk. For teacher logits, teacher chunk t has
-// m_tc, s_tc = Σ e_t with e_t = exp(a_t − m_tc), a_t = (z_t − center)/τ_t, and each pair has
-// d_vtc = Σ e_t·(x_v − m_vc). Working with x − m (never x itself) keeps ℓ = ΣP·log s − ⟨P, x − M⟩ accurate for
-// logits of any magnitude: no LSE of 1e5 is subtracted from another 1e5.
+// Rows are split into chunks of columns so that one row can be worked on by several threads or blocks. Maxima are
+// kept in the logits' own space, never scaled: for a student chunk c of row (v, b), m_vc = max z and
+// x = (z − m_vc)/τ_s (student_exponent), so x is exact to its own size and exactly 0 at the maximum, however
+// large z/τ_s is (z·(1/τ_s) − round(max·(1/τ_s)) with an FMA gave exp(±512) at z ~ 1e9). The chunk keeps
+// s_vc = Σ exp(x) and, for probability targets, d_vc = Σ P·x and ΣP. For teacher logits, teacher chunk t has
+// d = z_t/2 − center/2 (softmax_center_math.h), m_tc = max d, s_tc = Σ e_t with e_t = exp((d − m_tc)·2/τ_t),
+// and each pair has d_vtc = Σ e_t·x_v. ℓ = ΣP·log s − ⟨P, x − M⟩ then needs no LSE of 1e5 subtracted from
+// another 1e5.
 #pragma once
 
 #include <cmath>
@@ -14,6 +16,7 @@
 
 #include "../common/dk_common.h"
 #include "../common/dk_softmax.h"
+#include "../softmax_center/softmax_center_math.h"
 
 namespace dk {
 namespace soft_ce {
@@ -29,8 +32,21 @@ struct RecordLayout {
 
 DK_HOST_DEVICE DK_INLINE bool paired(int64_t v, int64_t t, bool skip_same_view) { return !(skip_same_view && v == t); }
 
-// Per-row statistics are kept as (max, log Σexp(x − max)) pairs, never as their sum: LSE = max + log s rounds to
-// the spacing of max (2.4e-4 at 2500), while exp((x − max) − log s) stays accurate for offsets of any size.
+// x = (z − max)/τ_s ≤ 0 (V: a scalar or a CPU SIMD vector).
+template <typename V, typename A>
+DK_HOST_DEVICE DK_INLINE V student_exponent(V z, A max, A inv_student_temp) {
+  return (z - max) * inv_student_temp;
+}
+
+// P·x with 0·x = 0 even where x is −inf (z − max overflowed): a zero target contributes nothing.
+template <typename A>
+DK_HOST_DEVICE DK_INLINE A target_times_exponent(A p, A x) {
+  return p == A(0) ? A(0) : p * x;
+}
+
+// Per-row statistics are kept as (max, log Σexp(x)) pairs with x the scaled exponent above, never as one LSE:
+// max/τ + log s rounds to the spacing of max/τ (2.4e-4 at 2500, 1024 at 1e10), while exp(x − log s) stays
+// accurate for offsets of any size.
 // stats (2, R, B): stats[r·B + b] = max, stats[R·B + r·B + b] = log-sum.
 template <typename A>
 struct RowStats {
@@ -40,18 +56,27 @@ struct RowStats {
   DK_HOST_DEVICE A& log_sum(int64_t r, int64_t b) const { return stats[(rows + r) * batch + b]; }
 };
 
+// exp((m − M)·2/τ_t − log Σ) ≤ 1: the factor that turns exp((d − m)·2/τ_t) into the probability exp((d − M)·2/τ_t)/Σ
+// (m = M gives a teacher probability itself). Max and log-sum are applied separately: their sum would round.
+template <typename A>
+DK_HOST_DEVICE DK_INLINE A teacher_probability_scale(A m, A row_max, A row_log_sum, A teacher_factor) {
+  return std::exp(softmax_center::exponent(m, row_max, teacher_factor) - row_log_sum);
+}
+
 // Merges the n_chunks records of row b (record c at records + c·chunk_stride) into the student statistics,
 // target_sum[v·B + b], the teacher statistics (logits only) and returns Σ_v ℓ_vb (unweighted, unscaled).
+// inv_student_temp = 1/τ_s and teacher_factor = 2/τ_t: the scales of the student and teacher exponents.
 template <typename A>
 DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_chunks, RecordLayout layout,
                              bool skip_same_view, bool teacher_logits, int64_t batch, int64_t b,
-                             RowStats<A> student_stats, A* target_sum, RowStats<A> teacher_stats) {
+                             RowStats<A> student_stats, A* target_sum, RowStats<A> teacher_stats,
+                             A inv_student_temp, A teacher_factor) {
   if (teacher_logits) {
     for (int64_t t = 0; t < layout.teachers; ++t) {
       A m = -INFINITY, s = 0;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const A* r = records + c * chunk_stride + layout.teacher(t);
-        merge_max_sum(m, s, r[0], r[1]);
+        merge_max_sum(m, s, r[0], r[1], teacher_factor);
       }
       teacher_stats.max(t, b) = m;
       teacher_stats.log_sum(t, b) = std::log(s);
@@ -62,21 +87,21 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
     A m = -INFINITY, s = 0;
     for (int64_t c = 0; c < n_chunks; ++c) {
       const A* r = records + c * chunk_stride + layout.student(v);
-      merge_max_sum(m, s, r[0], r[1]);
+      merge_max_sum(m, s, r[0], r[1], inv_student_temp);
     }
     A mass = 0, dot = 0;  // ΣP and ⟨P, x − m⟩
     for (int64_t c = 0; c < n_chunks; ++c) {
       const A* r = records + c * chunk_stride;
-      const A shift = r[layout.student(v)] - m;  // m_vc − M ≤ 0
+      const A shift = student_exponent(r[layout.student(v)], m, inv_student_temp);  // (m_vc − M)/τ_s ≤ 0
       if (teacher_logits) {
         for (int64_t t = 0; t < layout.teachers; ++t) {
           if (!paired(v, t, skip_same_view)) continue;
-          // exp(m_tc − LSE_t) ≤ 1, from the max and the log-sum separately
-          const A weight = std::exp((r[layout.teacher(t)] - teacher_stats.max(t, b)) - teacher_stats.log_sum(t, b));
-          dot += weight * (r[layout.pair(v, t)] + shift * r[layout.teacher(t) + 1]);
+          const A weight = teacher_probability_scale(r[layout.teacher(t)], teacher_stats.max(t, b),
+                                                     teacher_stats.log_sum(t, b), teacher_factor);
+          dot += weight * (r[layout.pair(v, t)] + target_times_exponent(r[layout.teacher(t) + 1], shift));
         }
       } else {
-        dot += r[layout.student(v) + 2] + shift * r[layout.student(v) + 3];
+        dot += r[layout.student(v) + 2] + target_times_exponent(r[layout.student(v) + 3], shift);
         mass += r[layout.student(v) + 3];
       }
     }

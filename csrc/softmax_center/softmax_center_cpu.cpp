@@ -1,6 +1,6 @@
-// CPU softmax_center: per row, pass 1 finds the max of a = (z − c)/τ (and adds the raw row into a column-sum
-// partial), pass 2 writes e = exp(a − m) and sums it, pass 3 scales by 1/Σe. The row (≤ 512 KB) stays in L2
-// between passes.
+// CPU softmax_center (math in softmax_center_math.h): per row, pass 1 finds the max of d = z/2 − c/2 (and adds
+// the raw row into a column-sum partial), pass 2 writes e = exp((d − m)·2/τ) and sums it, pass 3 scales by 1/Σe.
+// The row (≤ 512 KB) stays in L2 between passes.
 #include <omp.h>
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 
 #include "../common/dk_cpu_simd.h"
 #include "softmax_center.h"
+#include "softmax_center_math.h"
 
 namespace dk {
 namespace softmax_center {
@@ -18,9 +19,10 @@ constexpr const char* kOp = "softmax_center";
 // Row groups for the fused column sum: enough for the threads of a big CPU, few enough for small scratch.
 constexpr int64_t kSumGroups = 16;
 
-// Softmax of one row; when partial is given, also partial += z (the raw row, read while it is in L1/L2).
+// Softmax of one row (math in softmax_center_math.h); when partial is given, also partial += z (the raw row, read
+// while it is in L1/L2). Returns whether the row's statistics are finite.
 template <typename T>
-bool softmax_row(const T* x, const T* center, int64_t k, T inv_temp, T* y, T* partial) {
+bool softmax_row(const T* x, const T* center, int64_t k, T two_inv_temp, T* y, T* partial) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   typename S::vec vm = S::splat(-INFINITY);
@@ -29,40 +31,40 @@ bool softmax_row(const T* x, const T* center, int64_t k, T inv_temp, T* y, T* pa
     for (; j + L <= k; j += L) {
       const typename S::vec raw = S::load(x + j);
       S::store(partial + j, S::load(partial + j) + raw);
-      vm = cpu::vmax(vm, (raw - S::load(center + j)) * inv_temp);
+      vm = cpu::vmax(vm, half_centered(raw, S::load(center + j)));
     }
   } else {
-    for (; j + L <= k; j += L) vm = cpu::vmax(vm, (S::load(x + j) - S::load(center + j)) * inv_temp);
+    for (; j + L <= k; j += L) vm = cpu::vmax(vm, half_centered(S::load(x + j), S::load(center + j)));
   }
   T m = -INFINITY;
   for (int l = 0; l < L; ++l) m = std::max(m, vm[l]);
   for (; j < k; ++j) {
     if (partial) partial[j] += x[j];
-    m = std::max(m, (x[j] - center[j]) * inv_temp);
+    m = std::max(m, half_centered(x[j], center[j]));
   }
   typename S::vec vs{};
   for (j = 0; j + L <= k; j += L) {
-    const typename S::vec e = cpu::vexp((S::load(x + j) - S::load(center + j)) * inv_temp - m);
+    const typename S::vec d = half_centered(S::load(x + j), S::load(center + j));
+    const typename S::vec e = cpu::vexp(exponent(d, m, two_inv_temp));
     S::store(y + j, e);
     vs += e;
   }
   T s = S::sum(vs);
   for (; j < k; ++j) {
-    y[j] = std::exp((x[j] - center[j]) * inv_temp - m);
+    y[j] = std::exp(exponent(half_centered(x[j], center[j]), m, two_inv_temp));
     s += y[j];
   }
   const T inv_s = T(1) / s;
   for (j = 0; j + L <= k; j += L) S::store(y + j, S::load(y + j) * inv_s);
   for (; j < k; ++j) y[j] *= inv_s;
-  // NaN anywhere in the row makes s NaN; +inf makes m inf and then s NaN.
-  return std::isfinite(m + std::log(s));
+  return row_ok(m, s);
 }
 
 // Rows in `groups` fixed contiguous ranges (independent of the thread count, so the column sum is
 // deterministic): with a column sum, each group adds its raw rows into its own partial (groups × K scratch),
 // and the partials are added in group order in double.
 template <typename T>
-int64_t forward_impl(const T* z, const T* center, int64_t n, int64_t k, T inv_temp, T* out, T* column_sum,
+int64_t forward_impl(const T* z, const T* center, int64_t n, int64_t k, T two_inv_temp, T* out, T* column_sum,
                      T* partials, int64_t groups, int num_threads) {
   int64_t bad_rows = 0;
   if (column_sum) std::fill(partials, partials + groups * k, T(0));
@@ -74,7 +76,7 @@ int64_t forward_impl(const T* z, const T* center, int64_t n, int64_t k, T inv_te
       const int64_t r0 = n * g / groups, r1 = n * (g + 1) / groups;
       T* partial = column_sum ? partials + g * k : nullptr;
       for (int64_t row = r0; row < r1; ++row)
-        bad_rows += !softmax_row(z + row * k, center, k, inv_temp, out + row * k, partial);
+        bad_rows += !softmax_row(z + row * k, center, k, two_inv_temp, out + row * k, partial);
     }
   }
   if (column_sum) {
@@ -131,6 +133,10 @@ int64_t forward_cpu(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t 
   check_pointer(as_ptr<void>(center), kOp, "center");
   DK_CHECK_ARG(std::isfinite(teacher_temp) && teacher_temp > 0, kOp, "teacher_temp",
                "must be positive and finite, got ", teacher_temp);
+  DK_CHECK_ARG(dtype == kFloat64 ? std::isfinite(temperature_factor<double>(teacher_temp))
+                                 : std::isfinite(temperature_factor<float>(teacher_temp)),
+               kOp, "teacher_temp", "is too small for ", dtype_name(dtype), " (2/teacher_temp overflows), got ",
+               teacher_temp);
   const bool with_sum = column_sum != 0;
   check_workspace(workspace, workspace_bytes, workspace_bytes_cpu(n, k, dtype, with_sum),
                   dtype == kFloat64 ? 8 : 4, kOp);
@@ -139,11 +145,14 @@ int64_t forward_cpu(std::uintptr_t z, std::uintptr_t center, int dtype, int64_t 
     return 0;
   }
   const int64_t groups = with_sum ? sum_groups(n) : n;
+  cpu::advise_huge_pages(as_ptr<void>(out), n * k * (dtype == kFloat64 ? 8 : 4));
   if (dtype == kFloat64)
-    return forward_impl(as_ptr<const double>(z), as_ptr<const double>(center), n, k, 1.0 / teacher_temp,
+    return forward_impl(as_ptr<const double>(z), as_ptr<const double>(center), n, k,
+                        temperature_factor<double>(teacher_temp),
                         as_ptr<double>(out), as_ptr<double>(column_sum), as_ptr<double>(workspace), groups,
                         num_threads);
-  return forward_impl(as_ptr<const float>(z), as_ptr<const float>(center), n, k, float(1.0 / teacher_temp),
+  return forward_impl(as_ptr<const float>(z), as_ptr<const float>(center), n, k,
+                      temperature_factor<float>(teacher_temp),
                       as_ptr<float>(out), as_ptr<float>(column_sum), as_ptr<float>(workspace), groups,
                       num_threads);
 }

@@ -68,7 +68,7 @@ def koleo_forward(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor
             _ext.kernel(op, "cuda")(x.data_ptr(), code, n, dim, eps, loss.data_ptr(), nn_index.data_ptr(),
                                     norms.data_ptr(), dists.data_ptr(), flag.data_ptr(), ws.data_ptr(), nbytes,
                                     device, stream)
-        bad = int(flag.item()) if _config.check_finite() else 0
+        bad = int(flag.item()) if _config.check_finite("cuda") else 0  # the read-back syncs
     D.raise_if_nonfinite("koleo_loss", "x", bad)
     return loss, nn_index, norms, dists
 
@@ -205,7 +205,7 @@ def nearest_neighbors_op(x: Tensor, y: Optional[Tensor], exclude_self: bool) -> 
             flag = x.new_empty((), dtype=torch.int32)
             _ext.kernel(op, "cuda")(x.data_ptr(), cand.data_ptr(), code, n, m, dim, exclude_self, sim.data_ptr(),
                                     index.data_ptr(), flag.data_ptr(), ws.data_ptr(), nbytes, device, stream)
-        bad = int(flag.item()) if _config.check_finite() else 0
+        bad = int(flag.item()) if _config.check_finite("cuda") else 0  # the read-back syncs
     D.raise_if_nonfinite(op, "x" if y is None else "x' or 'y", bad)
     return sim, index
 

@@ -106,10 +106,10 @@ def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_in
             _ext.kernel(op, "cuda")(*ptrs, D.dtype_code(value.dtype), D.dtype_code(sampling_locations.dtype),
                                     *sizes, output.data_ptr(), device, stream)
         # One fused reduction and one read-back (a sync), only when finiteness checks are on.
-        bad = _config.check_finite() and not bool(torch.isfinite(output).all() &
+        bad = _config.check_finite("cuda") and not bool(torch.isfinite(output).all() &
                                                    torch.isfinite(sampling_locations).all() &
                                                    torch.isfinite(attention_weights).all())
-    if bad and _config.check_finite():
+    if bad and _config.check_finite(value.device.type):
         D.raise_nonfinite_inputs(_OP, {"value": value, "sampling_locations": sampling_locations,
                                        "attention_weights": attention_weights},
                                  "gives a non-finite output (overflow in the output dtype?)")

@@ -45,7 +45,7 @@ def sinkhorn_knopp_op(teacher_logits: Tensor, teacher_temp: float, n_iterations:
             flag = teacher_logits.new_zeros((), dtype=torch.int32)
             _ext.kernel(op, "cuda")(teacher_logits.data_ptr(), code, n, k, float(teacher_temp), n_iterations,
                                     out.data_ptr(), flag.data_ptr(), ws.data_ptr(), nbytes, device, stream)
-        bad = int(flag.item()) if _config.check_finite() else 0
+        bad = int(flag.item()) if _config.check_finite("cuda") else 0  # the read-back syncs
     if bad:
         D.raise_nonfinite_inputs(op, {"teacher_logits": teacher_logits}, "gives non-finite scalings")
     return out
@@ -80,11 +80,11 @@ def _distributed(z: Tensor, teacher_temp: float, n_iterations: int, group) -> Te
               local_sum.data_ptr(), *extra)
         alpha = combine_prototype_stats(local_max, local_sum, group).contiguous()
         sample(z.data_ptr(), code, n, k, float(teacher_temp), alpha.data_ptr(), beta.data_ptr(), *extra)
-    if _config.check_finite() and not bool(torch.isfinite(alpha).all() & torch.isfinite(beta).all()):
+    if _config.check_finite(device_type) and not bool(torch.isfinite(alpha).all() & torch.isfinite(beta).all()):
         D.raise_nonfinite_inputs(op, {"teacher_logits": z}, "gives non-finite scalings (is the global batch empty?)")
     out = z.new_empty((n, k), dtype=acc)
     _ext.kernel("sinkhorn_knopp_output", device_type)(z.data_ptr(), code, n, k, float(teacher_temp),
-                                                       alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), *extra)
+                                                       alpha.data_ptr(), out.data_ptr(), *extra)
     return out
 
 

@@ -1,9 +1,11 @@
 """The registered custom ops under dino_loss, dino_loss_centered and ibot_patch_loss: the soft-target
 cross-entropy of csrc/soft_ce (derivation in csrc/soft_ce/soft_ce.h and SPEC §2.1).
 
-dinokernels::soft_ce_forward → (loss, student_stats, target_sum, teacher_stats, teacher_sum);
-dinokernels::soft_ce_backward → grad_student. The backward recomputes softmax rows from the saved per-row
-statistics (max and log-sum, kept apart for accuracy) instead of storing any S×B×K tensor.
+dinokernels::soft_ce_forward → (loss, student_stats, target_sum, teacher_stats, teacher_sum, grad_student);
+dinokernels::soft_ce_backward → grad_student. On the CPU, when the student needs a gradient, the forward writes
+it too (with grad_loss = 1), from the same pass and the same exponentials; the backward then only scales it by
+grad_loss. Otherwise (CUDA, or a second backward through a retained graph) the backward recomputes softmax rows
+from the saved per-row statistics (max and log-sum, kept apart for accuracy).
 """
 from typing import Optional, Tuple
 
@@ -55,11 +57,14 @@ def _ptr(t: Optional[Tensor]) -> int:
 @torch.library.custom_op("dinokernels::soft_ce_forward", mutates_args=())
 def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], weights: Optional[Tensor],
                     skip_same_view: bool, student_temp: float, teacher_temp: float, scale: float,
-                    return_teacher_sum: bool, arg_names: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    return_teacher_sum: bool, arg_names: str,
+                    with_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K) targets (or logits when center (K,) is given), weights (B,) or
     None → (loss (), student_stats (2, S, B), target_sum (S, B), teacher_stats (2, T, B) or (0,), teacher logit
-    column sum (K,) or (0,)), all in the accumulation dtype. arg_names = "op,student,teacher,center,weights":
-    the public names, for the error raised when the loss is not finite (DINOKERNELS_CHECK_FINITE)."""
+    column sum (K,) or (0,), grad_student), all but the last in the accumulation dtype. grad_student is
+    ∂loss/∂student (S, B, K) in the student's dtype when with_grad on the CPU, else (0,). arg_names =
+    "op,student,teacher,center,weights": the public names, for the error raised when the loss is not finite
+    (DINOKERNELS_CHECK_FINITE)."""
     op = "soft_ce_forward"
     s, t, b, k = _check_inputs(op, student, teacher, center, weights)
     logits = _teacher_logits(center)
@@ -69,14 +74,20 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
     target_sum = student.new_empty((s, b), dtype=acc)
     teacher_stats = student.new_empty((2, t, b) if logits else (0,), dtype=acc)
     teacher_sum = student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc)
+    fused = bool(with_grad) and student.device.type == "cpu"
+    grad_student = student.new_empty((s, b, k) if fused else (0,))
     code = D.dtype_code(student.dtype)
     common = (_ptr(student), _ptr(teacher), _ptr(center), _ptr(weights))
     sizes = (s, t, b, k, bool(skip_same_view), logits, float(student_temp), float(teacher_temp), float(scale))
     outs = (loss.data_ptr(), student_stats.data_ptr(), target_sum.data_ptr(), _ptr(teacher_stats) if logits else 0)
     if student.device.type == "cpu":
-        nbytes = _ext.module().soft_ce_workspace_bytes_cpu(s, t, b, k, code)
-        ws = D.workspace(nbytes, student.device)
-        _ext.kernel(op, "cpu")(*common, code, *sizes, *outs, ws.data_ptr(), nbytes, D.cpu_threads())
+        if fused:
+            _ext.kernel("soft_ce_forward_backward", "cpu")(*common, code, *sizes, *outs, grad_student.data_ptr(),
+                                                           D.cpu_threads())
+        else:
+            nbytes = _ext.module().soft_ce_workspace_bytes_cpu(s, t, b, k, code)
+            ws = D.workspace(nbytes, student.device)
+            _ext.kernel(op, "cpu")(*common, code, *sizes, *outs, ws.data_ptr(), nbytes, D.cpu_threads())
         if return_teacher_sum:
             _ext.kernel("softmax_center_column_sum", "cpu")(teacher.data_ptr(), code, t * b, k,
                                                             teacher_sum.data_ptr(), D.cpu_threads())
@@ -90,25 +101,27 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
             if return_teacher_sum:
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
                                                                  t * b, k, teacher_sum.data_ptr(), device, stream)
-    if _config.check_finite():  # inside the op, so torch.compile sees no data-dependent branch
+    if _config.check_finite(student.device.type):  # inside the op: torch.compile sees no data-dependent branch
         ok = bool(torch.isfinite(loss)) and (not return_teacher_sum or bool(torch.isfinite(teacher_sum).all()))
         if not ok:
             public_op, *names = arg_names.split(",")
             D.raise_nonfinite_inputs(public_op, dict(zip(names, (student, teacher, center, weights))),
                                      "gives a non-finite loss (overflow: is student_temp tiny?)")
-    return loss, student_stats, target_sum, teacher_stats, teacher_sum
+    return loss, student_stats, target_sum, teacher_stats, teacher_sum, grad_student
 
 
 @soft_ce_forward.register_fake
 def _(student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum,
-      arg_names):
+      arg_names, with_grad=False):
     s, b, k = student.shape
     acc = D.acc_dtype(student.dtype)
     t = teacher.shape[0]
+    fused = bool(with_grad) and student.device.type == "cpu"
     return (student.new_empty((), dtype=acc), student.new_empty((2, s, b), dtype=acc),
             student.new_empty((s, b), dtype=acc),
             student.new_empty((2, t, b) if center is not None else (0,), dtype=acc),
-            student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc))
+            student.new_empty((k,) if return_teacher_sum else (0,), dtype=acc),
+            student.new_empty((s, b, k) if fused else (0,)))
 
 
 @torch.library.custom_op("dinokernels::soft_ce_backward", mutates_args=())
@@ -152,19 +165,39 @@ def _(grad_loss, student, teacher, center, weights, skip_same_view, student_temp
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale, _, _ = inputs
-    _, student_stats, target_sum, teacher_stats, _ = output
+    student, teacher, center, weights, skip_same_view, student_temp, teacher_temp, scale = inputs[:8]
+    _, student_stats, target_sum, teacher_stats, _, grad_student = output
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(student, teacher, center, weights, student_stats, target_sum, teacher_stats)
+    ctx.save_for_backward(student, teacher, center, weights, student_stats, target_sum, teacher_stats, grad_student)
     ctx.args = (bool(skip_same_view), float(student_temp), float(teacher_temp), float(scale))
+    ctx.arg_names = inputs[9]
+    ctx.forward_grad_taken = False
+
+
+def _eager(*tensors) -> bool:
+    # Plain tensors outside any tracing (torch.compile traces with fake or functional tensors).
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    student, teacher, center, weights, student_stats, target_sum, teacher_stats = ctx.saved_tensors
+    student, teacher, center, weights, student_stats, target_sum, teacher_stats, grad_student = ctx.saved_tensors
     skip_same_view, student_temp, teacher_temp, scale = ctx.args
+    nones = (None,) * 10
+    if grad_student.numel() and not _eager(grad_loss, grad_student):
+        return (grad_student * grad_loss.reshape(()).to(grad_student.dtype), *nones)
+    if grad_student.numel() and grad_loss.numel() == 1:
+        # Eager: hand out the forward's gradient, scaled in place (a CPU scalar, so the check costs nothing). It is
+        # handed out once: a second backward through a retained graph reruns the same kernel (same bits).
+        if ctx.forward_grad_taken:
+            grad_student = soft_ce_forward(student, teacher, center, weights, skip_same_view, student_temp,
+                                           teacher_temp, scale, False, ctx.arg_names, True)[5]
+        ctx.forward_grad_taken = True
+        if bool(grad_loss != 1):
+            grad_student.mul_(grad_loss.reshape(()).to(grad_student.dtype))
+        return (grad_student, *nones)
     grad = soft_ce_backward(grad_loss, student, teacher, center, weights, skip_same_view, student_temp,
                             teacher_temp, scale, student_stats, target_sum, teacher_stats)
-    return grad, None, None, None, None, None, None, None, None, None
+    return (grad, *nones)
 
 
 soft_ce_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -185,7 +218,8 @@ def run(op: str, arg_names: Tuple[str, str, str, str], student: Tensor, teacher:
         teacher = teacher.to(side)
     center = None if center is None else center.detach().reshape(-1).to(side).contiguous()
     weights = None if weights is None else weights.detach().to(side).contiguous()
-    loss, _, _, _, teacher_sum = soft_ce_forward(student.contiguous(), teacher.contiguous(), center, weights,
-                                                 skip_same_view, student_temp, teacher_temp, scale,
-                                                 return_teacher_sum, ",".join((op, *arg_names)))
+    with_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, _, _, _, teacher_sum, _ = soft_ce_forward(student.contiguous(), teacher.contiguous(), center, weights,
+                                                    skip_same_view, student_temp, teacher_temp, scale,
+                                                    return_teacher_sum, ",".join((op, *arg_names)), with_grad)
     return loss, teacher_sum

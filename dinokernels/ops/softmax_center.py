@@ -71,8 +71,9 @@ def softmax_center_op(teacher_logits: Tensor, center: Tensor, teacher_temp: floa
             if return_sum:
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher_logits.data_ptr(), code, n, k,
                                                                  column_sum.data_ptr(), device, stream)
-        bad = int(flag.item()) if _config.check_finite() and n > 0 else 0
-    if return_sum and _config.check_finite() and not bool(torch.isfinite(column_sum).all()):
+        bad = int(flag.item()) if _config.check_finite("cuda") and n > 0 else 0  # the read-back syncs
+    check_sum = return_sum and _config.check_finite(teacher_logits.device.type)
+    if check_sum and not bool(torch.isfinite(column_sum).all()):
         bad = bad or 1  # a −inf logit leaves its row finite but not the center update
     if bad:
         D.raise_nonfinite_inputs(op, {"teacher_logits": teacher_logits, "center": center},

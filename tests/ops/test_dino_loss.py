@@ -159,6 +159,45 @@ def test_backward_scales_with_upstream_gradient():
     torch.testing.assert_close(g2, -2.5 * g1, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_gradient_from_the_forward_pass_is_deterministic_and_reusable(centered):
+    """On the CPU the forward writes the gradient from its own exponentials when the student needs one. It must not
+    depend on the thread count, must match the standalone backward kernel, and a retained graph must give the
+    same gradient again (the first backward hands out the forward's buffer; later ones recompute it)."""
+    S, T, B, K = 5, 2, 3, 4099
+    student = torch.randn(S, B, K) * 3
+    teacher, center = torch.randn(T, B, K), torch.randn(K) * 0.1
+    targets = teacher if centered else torch.softmax(teacher / 0.04, dim=-1)
+
+    def run(x):
+        return dino_loss_centered(x, teacher, center, 0.04) if centered else dino_loss(x, targets)
+
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(loss_and_grad(run, student)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    with torch.no_grad():  # no gradient wanted: the forward-only kernel, then the standalone backward
+        loss_plain = run(student)
+    x = student.clone().requires_grad_(True)
+    loss = run(x)
+    torch.testing.assert_close(loss.detach(), loss_plain, rtol=1e-6, atol=0)  # centered: targets summed differently
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(retain_graph=True)
+    assert torch.equal(x.grad, 2 * first)
+    (-0.5 * loss).backward()
+    torch.testing.assert_close(x.grad, 1.5 * first, rtol=1e-6, atol=0)
+    assert torch.equal(first, grads[0])
+    ref_grad = loss_and_grad(dino_loss_centered_ref if centered else dino_loss_ref, student.double(),
+                             *((teacher.double(), center.double(), 0.04) if centered else (targets.double(),)))[1]
+    torch.testing.assert_close(first.double(), ref_grad, rtol=0, atol=1e-5 * ref_grad.abs().max().item())
+
+
 def test_non_contiguous_inputs():
     S, T, B, K = 4, 2, 3, 129
     base_s = torch.randn(B, S, 2 * K, dtype=torch.float64)
@@ -295,6 +334,51 @@ def test_float32_error_within_20x_pytorch_float32(case):
                                                       f"{base:.3g}, floor {floor * scale:.3g}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [50, 4099])
+def test_logits_near_1e9_match_the_exact_loss(K, dtype):
+    """Issue 16: student logits around 1e9 raised "non-finite loss (overflow)" (z·(1/τ_s) fused with the rounded
+    maximum into an FMA gave exp(±512)), where the loss itself is ~1e3. Logits 1e9 + multiples of 128 (exact in
+    float32); the exact loss is shift-invariant per row, so the oracle is float64 on the row-shifted logits. The
+    centered variant puts teacher logits and center near 1e9 as well."""
+    gen = torch.Generator().manual_seed(K)
+    student = 1e9 + 128.0 * torch.randint(-40, 41, (4, 3, K), generator=gen, dtype=torch.float64)
+    teacher_logits = -1e9 + 128.0 * torch.randint(-40, 41, (2, 3, K), generator=gen, dtype=torch.float64)
+    center = -2e9 + 128.0 * torch.randint(-5, 6, (K,), generator=gen, dtype=torch.float64)
+    for x in (student, teacher_logits, center):
+        assert torch.equal(x.float().double(), x)
+    shifted = student - student.amax(-1, keepdim=True)
+    t_temp = 300.0
+    centered = teacher_logits - center  # exact: integers below 2^53, and so is the shift by the row maximum
+    probs64 = torch.softmax((centered - centered.amax(-1, keepdim=True)) / t_temp, dim=-1)
+    cases = ((dino_loss, (probs64.to(dtype), 50.0), dino_loss_ref, (probs64, 50.0)),
+             (dino_loss_centered, (teacher_logits.to(dtype), center.to(dtype), t_temp, 50.0), dino_loss_ref,
+              (probs64, 50.0)))
+    tol = tolerance(dtype, 1.0)  # exponents (z − max)/τ_s are exact to their own size, ≤ 10240/50
+    for fn, args, ref_fn, ref_args in cases:
+        loss, grad = loss_and_grad(fn, student.to(dtype), *args)
+        loss64, grad64 = loss_and_grad(ref_fn, shifted, *ref_args)
+        assert 10 < loss64.item() < 1e5
+        torch.testing.assert_close(loss.double(), loss64, rtol=tol, atol=0)
+        torch.testing.assert_close(grad.double(), grad64, rtol=0, atol=tol * grad64.abs().max().item())
+    # A single row [[1e9, 0]]-like case at the default temperature: finite, and the exact value.
+    student = torch.tensor([[[1e9, 0.0]], [[0.0, 1e9]]], dtype=dtype)
+    probs = torch.tensor([[[0.5, 0.5]], [[0.25, 0.75]]], dtype=dtype)
+    loss = dino_loss(student, probs)
+    exact = (0.5 * 1e10 + 0.75 * 1e10) / 2  # view 0 vs teacher 1 and view 1 vs teacher 0, mean over 2 pairs
+    torch.testing.assert_close(loss.double(), torch.tensor(exact, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_zero_target_against_a_logit_gap_beyond_the_float_range():
+    # z − max overflows to −inf where the target is 0: the term is 0, not NaN.
+    big = torch.finfo(torch.float32).max * 0.9
+    student = torch.tensor([[[big, -big, 0.0]], [[0.0, 1.0, 2.0]]])
+    probs = torch.tensor([[[1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]])
+    loss = dino_loss(student, probs)
+    loss64 = dino_loss_ref(student.double() - student.double().amax(-1, keepdim=True), probs.double())
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-6, atol=0)
+
+
 def test_centered_equals_softmax_center_then_dino_loss():
     S, T, B, K = 6, 2, 3, 777
     student = torch.randn(S, B, K, dtype=torch.float64)
@@ -390,9 +474,10 @@ def test_centered_torch_compile_fullgraph():
 
 
 # dinokernels::soft_ce_forward(student (S, B, K), teacher (T, B, K), center (K,) or None, weights (B,) or None,
-# skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum, arg_names) → (loss, student statistics,
-# target_sum, teacher statistics, teacher_sum); dinokernels::soft_ce_backward(grad_loss, student, teacher, center,
-# weights, skip_same_view, student_temp, teacher_temp, scale, *the three statistics) → grad_student.
+# skip_same_view, student_temp, teacher_temp, scale, return_teacher_sum, arg_names, with_grad) → (loss, student
+# statistics, target_sum, teacher statistics, teacher_sum, grad_student: (S, B, K) from the same pass when with_grad
+# on the CPU, else (0,)); dinokernels::soft_ce_backward(grad_loss, student, teacher, center, weights,
+# skip_same_view, student_temp, teacher_temp, scale, *the three statistics) → grad_student.
 NAMES = "dino_loss,student_logits,teacher_probs,center,weights"
 
 
@@ -400,7 +485,9 @@ def _opcheck_soft_ce(student, teacher, center, args):
     forward, backward = registered("soft_ce_forward"), registered("soft_ce_backward")
     torch.library.opcheck(forward, (student, teacher, center, None, *args, NAMES))
     torch.library.opcheck(forward, (student.detach(), teacher, center, None, *args, NAMES))
-    _, student_stats, target_sum, teacher_stats, _ = forward(student.detach(), teacher, center, None, *args, NAMES)
+    torch.library.opcheck(forward, (student, teacher, center, None, *args, NAMES, True))
+    _, student_stats, target_sum, teacher_stats, _, _ = forward(student.detach(), teacher, center, None, *args,
+                                                                NAMES)
     grad_loss = torch.tensor(1.5, dtype=target_sum.dtype, device=target_sum.device)
     torch.library.opcheck(backward, (grad_loss, student.detach(), teacher, center, None, *args[:-1], student_stats,
                                      target_sum, teacher_stats))
@@ -495,6 +582,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
     student, teacher = _good(4, 2, 3, 20)
     cases = [(_with(student, (2, 1, 3), float("nan")), teacher), (_with(student, (0, 0, 0), float("inf")), teacher),
              (student, _with(teacher, (1, 2, 5), float("nan")))]
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         for s, t in cases:
@@ -504,7 +592,7 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
         center[7] = float("nan")
         assert not torch.isfinite(dino_loss_centered(student, torch.randn(2, 3, 20), center, 0.04))
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
 
 
 # ---------------------------------------------------------------- CUDA kernels
@@ -565,8 +653,9 @@ def test_cuda_matches_cpu_kernel_deterministic_and_bad_input():
     assert torch.equal(again[0], loss_gpu) and torch.equal(again[1], grad_gpu)
     bad = student.clone().cuda()
     bad[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="'student_logits'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'student_logits'.*non-finite"):
         dino_loss(bad, teacher.cuda(), 0.1)
+    assert not torch.isfinite(dino_loss(bad, teacher.cuda(), 0.1)).all()  # CUDA default: unchecked
     with pytest.raises(TypeError, match="'student_logits'"):
         dino_loss(student.double().cuda(), teacher.double().cuda(), 0.1)
     _opcheck_soft_ce(student[:, :2, :33].contiguous().cuda().requires_grad_(),

@@ -211,7 +211,8 @@ def _opcheck_soft_ce(student, teacher, weights):
     s, t = student[None], teacher[None]
     torch.library.opcheck(forward, (s, t, None, weights, *args, False, names))
     torch.library.opcheck(forward, (s.detach(), t, None, weights, *args, False, names))
-    _, student_stats, target_sum, teacher_stats, _ = forward(s.detach(), t, None, weights, *args, False, names)
+    torch.library.opcheck(forward, (s, t, None, weights, *args, False, names, True))
+    _, student_stats, target_sum, teacher_stats, _, _ = forward(s.detach(), t, None, weights, *args, False, names)
     grad_loss = torch.tensor(0.7, dtype=target_sum.dtype, device=target_sum.device)
     torch.library.opcheck(backward, (grad_loss, s.detach(), t, None, weights, *args, student_stats, target_sum,
                                      teacher_stats))
@@ -271,13 +272,14 @@ def test_nonfinite_gives_nonfinite_loss_when_check_is_off():
              (_with(student, (0, 0), float("inf")), teacher, weights),
              (student, _with(teacher, (1, 5), float("nan")), weights),
              (student, teacher, _with(weights, 4, float("inf")))]
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         for s, t, w in cases:
             assert not torch.isfinite(ibot_patch_loss(s, t, w, 0.1))
             assert not torch.isfinite(weighted_token_ce(s, t, w, 0.1))
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
 
 
 # ---------------------------------------------------------------- CUDA kernel
@@ -312,7 +314,9 @@ def test_cuda_matches_cpu_kernel_empty_and_bad_input():
     assert loss.item() == 0.0 and torch.autograd.grad(loss, empty)[0].shape == (0, 5)
     bad = teacher.clone().cuda()
     bad[3, 7] = float("inf")
-    with pytest.raises(ValueError, match="'teacher_patch_probs'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'teacher_patch_probs'.*non-finite"):
         ibot_patch_loss(student.cuda(), bad, weights.cuda(), 0.1)
+    # CUDA default: unchecked (no sync), the loss is not finite
+    assert not torch.isfinite(ibot_patch_loss(student.cuda(), bad, weights.cuda(), 0.1)).all()
     _opcheck_soft_ce(student[:4, :33].contiguous().cuda().requires_grad_(), teacher[:4, :33].contiguous().cuda(),
                      weights[:4].cuda())

@@ -206,11 +206,12 @@ def test_bad_eps(eps):
 def test_nonfinite_gives_nan_when_check_is_off():
     x = torch.randn(50, 4)
     x[2, 1] = float("nan")
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         loss, grad = loss_and_grad(koleo_loss, x)
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
     assert torch.isnan(loss)
     assert torch.isnan(grad).all()  # no row may receive a clean-looking gradient from a NaN loss
     assert torch.isnan(koleo_loss_ref(x))  # the reference never turns NaN into a finite loss either
@@ -402,13 +403,15 @@ def test_cuda_duplicates_side_stream_and_opcheck():
 def test_cuda_bad_inputs():
     x = torch.randn(8, 4, device="cuda")
     x[3, 2] = float("inf")
-    with pytest.raises(ValueError, match="argument 'x' contains 1 non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="argument 'x' contains 1 non-finite"):
         koleo_loss(x)
+    assert not torch.isfinite(koleo_loss(x)).all()  # CUDA default: unchecked
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         assert torch.isnan(koleo_loss(x)).item()
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
     with pytest.raises(TypeError, match="cuda kernel takes float32, float16, bfloat16"):
         koleo_loss(torch.randn(4, 3, dtype=torch.float64, device="cuda"))
     wide = torch.randn(4, 8193, device="cuda")

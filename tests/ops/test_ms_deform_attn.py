@@ -365,6 +365,30 @@ def test_more_than_8_levels_raises():
         ms_deform_attn(value, shapes, starts, loc, attn)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_widest_level_keeps_the_half_pixel_offset_and_wider_raises(dtype):
+    """Issue 16: levels up to 2^24 wide were accepted, but float32 x·W − 0.5 rounds the half-pixel offset away
+    beyond 2^23 (the sample lands half a pixel off). A 1 × 2^23 level: samples a quarter or half pixel past a pixel
+    centre blend exactly 3:1 or 1:1 with the next pixel; one more column raises naming spatial_shapes."""
+    width = 1 << 23
+    value = torch.arange(width, dtype=dtype).reshape(1, width, 1, 1) % 1024
+    shapes, starts = torch.tensor([[1, width]]), torch.tensor([0])
+    cols = torch.tensor([5.0, 1000.0, width - 300.0, width - 2.0], dtype=torch.float64)
+    frac = torch.tensor([0.25, 0.25, 0.5, 0.5], dtype=torch.float64)  # w_im = col + frac, x exact in float32
+    x = (cols + 0.5 + frac) / width
+    assert torch.equal(x.float().double(), x)
+    loc = torch.stack([x, torch.full_like(x, 0.5)], -1).reshape(1, 4, 1, 1, 1, 2).to(dtype)
+    attn = torch.ones(1, 4, 1, 1, 1, dtype=dtype)
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    v = (cols.long() % 1024).double()
+    expected = (1 - frac) * v + frac * ((cols.long() + 1) % 1024).double()
+    assert torch.equal(out.reshape(4).double(), expected)
+    wider = torch.zeros(1, width + 1, 1, 1, dtype=dtype)
+    with pytest.raises(ValueError, match=r"'spatial_shapes' level 0 has \(H, W\) = \(1, 8388609\); each must be in "
+                                         r"\[1, 2\^23\]"):
+        ms_deform_attn(wider, torch.tensor([[1, width + 1]]), starts, loc, attn)
+
+
 def test_compiled_module_checks_level_table_itself():
     # The C++ entry point validates what it receives (DESIGN §1), whatever Python checked.
     from dinokernels import _ext
@@ -392,7 +416,7 @@ def test_non_finite_input_raises(where):
         value[:] = float("nan")
     with pytest.raises(ValueError, match=f"argument '{where}' contains .* non-finite"):
         ms_deform_attn(value, shapes, starts, loc, attn)
-    previous = _config.check_finite()
+    previous = _config.finite_check_setting()
     try:
         _config.set_check_finite(False)
         ms_deform_attn(value, shapes, starts, loc, attn)

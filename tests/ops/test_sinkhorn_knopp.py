@@ -118,6 +118,43 @@ def test_shift_by_a_constant_matches_the_shifted_plain_form():
     assert_targets_close(out32, ref32, torch.float32, 1e4 / 0.04)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_sum_to_one_at_huge_logits(dtype):
+    """Issue 16: float32 logits with |z/τ| ~ 1e10 gave rows summing to 1.006…2 (exp(a + α + β) with a rounded
+    LSE). Logits 4e8 + multiples of 64 at τ = 64 have exponents (z − max)/τ that are small integers: the exact
+    targets are the float64 log-domain reference on the logits less 4e8 (a common shift is a uniform scale,
+    which Sinkhorn-Knopp cancels; without it the reference rounds its log-sums at 6e6), and rows sum to 1."""
+    gen = torch.Generator().manual_seed(3)
+    z = 4e8 + 64.0 * torch.randint(-6, 7, (48, 999), generator=gen, dtype=torch.float64)
+    assert torch.equal(z.float().double(), z)
+    out = sinkhorn_knopp(z.to(dtype), 64.0)
+    assert_targets_close(out, sinkhorn_knopp_ref(z - 4e8, 64.0), dtype, 12.0)
+    assert_rows_sum_to_one(out, 16 * torch.finfo(dtype).eps)
+    # Gaussian logits at 4e8 and τ = 0.04: exponents of 1e10, one winner per row, rows still sum to 1.
+    z = torch.randn(64, 4099, generator=gen, dtype=torch.float64) * 4e8
+    out = sinkhorn_knopp(z.to(dtype), 0.04)
+    assert torch.isfinite(out).all()
+    assert_rows_sum_to_one(out, 16 * torch.finfo(dtype).eps)
+    ref = sinkhorn_knopp_ref(z.to(dtype).double(), 0.04)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [100.0, 1e6])
+def test_rows_dominated_in_every_column(offset, dtype):
+    """A row lower than another by `offset`/τ in every column: exp((z − column max)/τ) underflows for the whole
+    row, which the kernel stores shifted by the row's own maximum instead (its targets are still a distribution
+    over the columns where it is least dominated)."""
+    gen = torch.Generator().manual_seed(int(offset))
+    z = torch.randn(6, 300, generator=gen, dtype=torch.float64)
+    z[2] -= offset
+    z[4] = z[4] * 0.1 - 2 * offset
+    out = sinkhorn_knopp(z.to(dtype), 1.0)
+    ref = sinkhorn_knopp_ref(z.to(dtype).double(), 1.0)
+    assert_targets_close(out, ref, dtype, 2 * offset if dtype == torch.float64 else 4.0)
+    assert_rows_sum_to_one(out, 16 * torch.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_sample_gives_uniform_targets(dtype):
     # N = 1: each prototype's column normalisation over the single sample makes every entry equal.
@@ -233,11 +270,12 @@ def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
 def test_nonfinite_gives_nan_when_check_is_off():
     z = torch.randn(5, 20)
     z[2, 3] = float("nan")
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         out = sinkhorn_knopp(z, 0.04)
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
     assert torch.isnan(out).any()
 
 
@@ -275,6 +313,7 @@ def test_cuda_matches_cpu_kernel_huge_logits_and_bad_input():
         sinkhorn_knopp(z.cuda(), 0.04, 0)
     bad = z.clone().cuda()
     bad[5, 5] = float("inf")
-    with pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
         sinkhorn_knopp(bad, 0.04)
+    assert not torch.isfinite(sinkhorn_knopp(bad, 0.04)).all()  # CUDA default: unchecked
     torch.library.opcheck(registered("sinkhorn_knopp"), (z[:7, :33].contiguous().cuda(), 0.04, 3))

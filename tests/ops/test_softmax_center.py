@@ -1,6 +1,8 @@
 """softmax_center: the kernel against softmax((z − c)/τ) and Σ_n z_n written out here in float64, the DINO v1 center
 update, empty, awkward and non-contiguous input, opcheck, torch.compile, bad input, and the CUDA kernel (marked
 `cuda`)."""
+import os
+
 import pytest
 import torch
 
@@ -89,6 +91,67 @@ def test_huge_logits_are_finite_and_one_hot_where_exp_overflows():
         # (base + 1e4) − (−1e4) is rounded at 2e4 (float32 spacing 2e-3): the argument error the tolerance allows.
         z_rounded = (base + 1e4).double()
         assert_probs_close(probs, torch.softmax(z_rounded + 1e4, dim=-1), dtype, 2e4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_beyond_float32_integer_spacing_are_exact(dtype):
+    """Issue 16: [[1e9, 0]] raised (float32), and a row of 5e8 gave all zeros: (z − c)·(1/τ) was fused into an
+    FMA against the rounded maximum, giving exp(±512). Rows of logits near 5e8 that differ by multiples of their
+    spacing (32) have an exact softmax the kernel must reproduce; rows sum to 1."""
+    assert torch.equal(softmax_center(torch.tensor([[1e9, 0.0]], dtype=dtype), torch.zeros(2, dtype=dtype), 0.04),
+                       torch.tensor([[1.0, 0.0]], dtype=dtype))
+    for k in (2, 40, 4099):
+        z = torch.zeros(3, k, dtype=dtype)
+        z[:, 0] = 5e8
+        probs = softmax_center(z, torch.zeros(k, dtype=dtype), 0.04)
+        assert torch.equal(probs, torch.nn.functional.one_hot(torch.zeros(3, dtype=torch.long), k).to(dtype))
+    gen = torch.Generator().manual_seed(0)
+    z = 5e8 + 64.0 * torch.randint(-50, 51, (4, 999), generator=gen, dtype=torch.float64)
+    c = 32.0 * torch.randint(-3, 4, (999,), generator=gen, dtype=torch.float64)
+    assert torch.equal(z.to(dtype).double(), z) and torch.equal(c.to(dtype).double(), c)  # exact in both dtypes
+    for temp in (100.0, 1000.0):
+        probs = softmax_center(z.to(dtype), c.to(dtype), temp)
+        shifted = z - c  # integers below 2^53: exact in float64, and so is the shift by the row maximum
+        exact = torch.softmax((shifted - shifted.amax(1, keepdim=True)) / temp, dim=-1)
+        tol = tolerance(dtype, 1.0)  # the arguments (z − c − max)/τ are exact: no eps·|z/τ| term
+        torch.testing.assert_close(probs.double(), exact, rtol=tol, atol=tol * 1e-6)
+        torch.testing.assert_close(probs.double().sum(1), torch.ones(4, dtype=torch.float64),
+                                   rtol=0, atol=8 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_minus_center_beyond_the_float_range_is_finite(dtype):
+    # z − c overflows the dtype although both are finite; the exact targets are one-hot, or split evenly where
+    # z − c ties at 0.9·max (row 1, columns 0 and 2).
+    big = torch.finfo(dtype).max * 0.9
+    z = torch.tensor([[big, 0.0, -big], [0.0, 1.0, big]], dtype=dtype)
+    c = torch.tensor([-big, 0.0, 0.0], dtype=dtype)
+    probs, total = softmax_center(z, c, 0.04, return_sum=True)
+    assert torch.equal(probs, torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.5]], dtype=dtype))
+    assert torch.equal(total, z.sum(0))
+
+
+def test_huge_logit_rows_sum_to_one():
+    """exp(a − m)/s, not exp(a − (m + log s)): the rounding of a log-sum-exp near 2.5e5 (float32 spacing 0.016)
+    no longer leaks into the row sum."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        for k in (7, 4097, 65537):
+            z = ((torch.rand(5, k, generator=gen) * 2 - 1) * 1e4).to(dtype)
+            z[1, -1] = 2e4
+            c = (torch.randn(k, generator=gen) * 0.5).to(dtype)
+            probs = softmax_center(z, c, 0.04)
+            torch.testing.assert_close(probs.double().sum(1), torch.ones(5, dtype=torch.float64), rtol=0,
+                                       atol=16 * torch.finfo(dtype).eps)
+
+
+def test_temperature_whose_reciprocal_overflows_float32_raises():
+    with pytest.raises(ValueError, match="'teacher_temp'.*too small for float32"):
+        softmax_center(torch.zeros(2, 3), torch.zeros(3), 1e-39)
+    # float64 takes it: the exact targets are one-hot (ties split evenly).
+    probs = softmax_center(torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                           1e-39)
+    assert torch.equal(probs, torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64))
 
 
 def test_all_equal_logits_give_uniform():
@@ -245,6 +308,7 @@ def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
 
 def test_nonfinite_gives_nan_when_check_is_off():
     z, c = torch.randn(5, 20), torch.randn(20)
+    previous_setting = _config.finite_check_setting()
     _config.set_check_finite(False)
     try:
         probs = softmax_center(_with(z, (2, 3), float("nan")), c, 0.04)
@@ -252,7 +316,28 @@ def test_nonfinite_gives_nan_when_check_is_off():
         probs = softmax_center(z, _with(c, 7, float("nan")), 0.04)
         assert torch.isnan(probs).all()
     finally:
-        _config.set_check_finite(True)
+        _config.set_check_finite(previous_setting)
+
+
+def test_finite_checks_default_to_the_cpu_only():
+    """DINOKERNELS_CHECK_FINITE: auto (default) checks on the CPU, where it is cheap, and not on CUDA, where reading
+    the flag back would make every op wait for the GPU; 1 checks everywhere, 0 nowhere."""
+    import subprocess
+    import sys
+
+    code = "from dinokernels import _config; print(_config.check_finite('cpu'), _config.check_finite('cuda'))"
+    for value, expected in ((None, "True False"), ("auto", "True False"), ("1", "True True"), ("0", "False False")):
+        env = {k: v for k, v in os.environ.items() if k != "DINOKERNELS_CHECK_FINITE"}
+        if value is not None:
+            env["DINOKERNELS_CHECK_FINITE"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split(), (value, out.stdout)
+    with _config.checking_finite(True):
+        assert _config.check_finite("cuda") and _config.check_finite("cpu")
+        with _config.checking_finite(None):
+            assert _config.check_finite("cpu") and not _config.check_finite("cuda")
+    with pytest.raises(ValueError, match="DINOKERNELS_CHECK_FINITE must be auto, 0 or 1"):
+        _config._parse_flag("sometimes", "DINOKERNELS_CHECK_FINITE")
 
 
 # ---------------------------------------------------------------- CUDA kernel
@@ -294,8 +379,9 @@ def test_cuda_matches_cpu_kernel_and_bad_input():
     assert torch.isfinite(softmax_center(huge, torch.zeros(777, device="cuda"), 0.04)).all()
     bad = c.clone().cuda()
     bad[11] = float("nan")
-    with pytest.raises(ValueError, match="'center'.*non-finite"):
+    with _config.checking_finite(True), pytest.raises(ValueError, match="'center'.*non-finite"):
         softmax_center(z.cuda(), bad, 0.07)
+    assert not torch.isfinite(softmax_center(z.cuda(), bad, 0.07)).all()  # CUDA default: unchecked
     torch.library.opcheck(registered("softmax_center"), (z[:5, :33].contiguous().cuda(), c[:33].cuda(), 0.04, True))
 
 
@@ -313,16 +399,16 @@ def test_cuda_rows_split_over_blocks():
         probs_cpu = softmax_center(z, c, 0.04)
         probs_gpu = softmax_center(z.cuda(), c.cuda(), 0.04)
         torch.testing.assert_close(probs_gpu.cpu(), probs_cpu, rtol=1e-4, atol=1e-9)
-        # ±1e4: z/τ ~ 2.5e5, whose float32 ulp (0.016-0.03) moves a probability by ~1 %, and the kernel's
-        # LSE = max + log Σ rounds to that ulp (seen on an H100: a row summing to 0.9947). Compare the winners,
-        # and the row sums within 2 ulp of the LSE.
+        # ±1e4: z/τ ~ 2.5e5. The exponents (d − max)·2/τ are taken after the subtraction and the row is divided
+        # by its sum (no rounded LSE), so the rows sum to 1 up to float32 summation error, and match the CPU.
         huge = (torch.rand(5, k) * 2 - 1) * 1e4
         huge[1, -1] = 2e4
         probs_huge = softmax_center(huge.cuda(), c.cuda(), 0.04)
         assert torch.isfinite(probs_huge).all()
-        torch.testing.assert_close(probs_huge.sum(1).cpu(), torch.ones(5), rtol=0, atol=0.065)
-        assert torch.equal(probs_huge.argmax(1).cpu(), softmax_center(huge, c, 0.04).argmax(1))
+        torch.testing.assert_close(probs_huge.sum(1).cpu(), torch.ones(5), rtol=0, atol=1e-5)
+        torch.testing.assert_close(probs_huge.cpu(), softmax_center(huge, c, 0.04), rtol=1e-4, atol=1e-9)
         bad = z.clone()
         bad[3, k - 2] = float("nan")
-        with pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
+        with _config.checking_finite(True), pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
             softmax_center(bad.cuda(), c.cuda(), 0.04)
+        assert not torch.isfinite(softmax_center(bad.cuda(), c.cuda(), 0.04)).all()  # CUDA default: unchecked
