@@ -11,9 +11,9 @@ string or a bool. The outcome must be one of
 
 Anything else — another exception type, a message that does not name the argument, a NaN/inf or different result —
 fails the probe. Inputs with no right answer (NaN anywhere, +inf where the op does not define it) need the error.
-`test_probe_counts` prints how many probes ran and how each ended (the numbers in docs/reliability.md). A few
-extreme-value probes of the §2 kernels are expected to fail until the kernels branch lands: they are listed in
-KERNELS_BRANCH_XFAIL and marked xfail(strict=True), so they turn into failures (to be un-marked) once fixed.
+`test_probe_counts` prints how many probes ran and how each ended (the numbers in docs/reliability.md). Probes that
+fail today are listed in OPEN_XFAIL with what is wrong and marked xfail(strict=True), so a fix turns them into
+failures (to be un-marked).
 """
 import collections
 import math
@@ -225,16 +225,17 @@ def _mutations(spec: OpSpec, arg: str) -> Dict[str, Callable[[torch.Tensor], tor
 MUTATION_NAMES = list(_mutations(SPECS["koleo_loss"], "x"))
 NONFINITE = {"nan", "+inf", "-inf"}
 
-# Extreme-value probes of the §2 kernels that fail until the kernels branch (issue 16 §2) is merged: an overflow
-# caused by huge targets / weights is reported against the student logits ("is student_temp tiny?").
-KERNELS_BRANCH_XFAIL = {
-    "dino_loss-teacher_probs-1e38", "dino_loss-teacher_probs--1e38", "dino_loss-teacher_probs-all-1e38",
-    "dino_loss_centered-teacher_logits-1e38", "dino_loss_centered-teacher_logits-all-1e38",
-    "ms_deform_attn-attention_weights-all-1e38",
-}
-# Probes of ops outside the kernels branch that fail today (issue 16, reported to the lead): each reason says what
+# (The kernels branch of issue 16 §2 is merged; the probes it did not fix are listed below with the rest.)
+_BLAMES_STUDENT = "an overflow caused by huge targets is reported against the student logits, not the argument at fault"
+# Probes that fail today (issue 16, reported to the lead): each reason says what
 # is wrong. strict=True: a fix turns them into failures, and the mark is removed.
 OPEN_XFAIL = {
+    "dino_loss-teacher_probs-1e38": _BLAMES_STUDENT,
+    "dino_loss-teacher_probs--1e38": _BLAMES_STUDENT,
+    "dino_loss-teacher_probs-all-1e38": _BLAMES_STUDENT,
+    "ms_deform_attn-attention_weights-all-1e38": "the overflow of huge weights is reported against 'value'",
+    "sinkhorn_knopp-teacher_logits-1e38": "one logit of 1e38: the scaling-vector CPU path and the float64 "
+                                          "log-domain reference give different balanced rows",
     "koleo_loss-x-1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
     "koleo_loss-x--1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
     "nearest_neighbors-x-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
@@ -271,9 +272,7 @@ def _tensor_probes():
                     continue
                 pid = f"{op}-{arg}-{mutation}"
                 marks = []
-                if pid in KERNELS_BRANCH_XFAIL:
-                    marks = [pytest.mark.xfail(strict=True, reason="fixed on the kernels branch (issue 16 §2)")]
-                elif pid in OPEN_XFAIL:
+                if pid in OPEN_XFAIL:
                     marks = [pytest.mark.xfail(strict=True, reason="open (issue 16): " + OPEN_XFAIL[pid])]
                 out.append(pytest.param(op, arg, mutation, id=pid, marks=marks))
     return out
