@@ -74,7 +74,9 @@ def test_clip_gradients_matches_reference():
     for clip in (3.0, 0.05):
         norms = clip_gradients(model, clip)
         ref_norms = clip_gradients_reference(twin, clip)
-        assert norms == pytest.approx(ref_norms, rel=1e-6)
+        # The kernel sums squares in float32 over up to ~1e5 elements: its rounding reaches ~1e-6 relative of
+        # the float64 norm (measured 1.08e-6 for one draw), hence 1e-5.
+        assert norms == pytest.approx(ref_norms, rel=1e-5)
         for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=n)
