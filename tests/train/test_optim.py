@@ -79,7 +79,7 @@ def test_clip_gradients_matches_reference():
         assert norms == pytest.approx(ref_norms, rel=1e-5)
         for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
             if p.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=n)
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0, msg=n)  # scaled by those norms
     post = [p.grad.norm().item() for p in model.parameters() if p.grad is not None]
     assert max(post) <= 0.05 * (1 + 1e-5)
     assert any(n > 0.05 for n in norms)  # something was clipped
