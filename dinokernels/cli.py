@@ -453,7 +453,6 @@ def _check_method_flags(given: Dict[str, Any], args) -> None:
 
 
 def _pretrain_config(args) -> Any:
-    from .train.checkpoint import load_checkpoint
     from .train.config import PretrainConfig, make_config
 
     given: Dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)
@@ -471,20 +470,30 @@ def _pretrain_config(args) -> Any:
             raise UsageError(str(e)) from e
     if "preset" in given:
         raise UsageError("--preset cannot be combined with --resume (the checkpoint's settings apply)")
-    path = args.resume or os.path.join(given.get("out", "out"), "checkpoint.pth")
+    return resumed_config(args.resume, given, "out", PretrainConfig.from_dict, lambda fmt: True,
+                          "a dinokernels pretraining checkpoint")
+
+
+def resumed_config(resume: str, given: Dict[str, Any], default_out: str, from_dict, format_ok,
+                   what: str) -> Any:
+    """The configuration of a resumed run: the checkpoint's stored settings, overridden by the flags given.
+    `resume` "" means <out>/checkpoint.pth. Outputs go to --out, else next to the checkpoint given: never to a
+    folder named inside the file. `format_ok(format)` says whether the checkpoint is of the expected kind."""
+    from .train.checkpoint import load_checkpoint
+
+    path = resume or os.path.join(given.get("out", default_out), "checkpoint.pth")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     ckpt = load_checkpoint(path)
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(stored, dict):
-        raise ValueError(f"--resume: {path} is not a dinokernels pretraining checkpoint (no stored settings)")
+    if not isinstance(stored, dict) or not format_ok(ckpt.get("format")):
+        raise ValueError(f"--resume: {path} is not {what} (no stored settings)")
     values = dict(stored)
     values.update(given)
     values["resume"] = path
-    # Outputs go to --out, else next to the checkpoint given: never to a folder named inside the file.
     values["out"] = given["out"] if "out" in given else (os.path.dirname(path) or ".")
     try:
-        return PretrainConfig.from_dict(values)
+        return from_dict(values)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from e
 

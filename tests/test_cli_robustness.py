@@ -502,13 +502,15 @@ def test_sigkill_at_random_moments_leaves_whole_files_and_resume_finishes(tmp_pa
     env = dict(os.environ, DINOKERNELS_BACKEND="kernel")
     first, copy = tmp_path / "first", tmp_path / "copy"
     args = [*TINY, "--epochs", "3", "--checkpoint-every", "1", "--seed", "1"]
-    _run_and_kill(["pretrain", *args, "--out", first], first, rng, env)
+    proc = _run_and_kill(["pretrain", *args, "--out", first], first, rng, env)
     _check_outputs_whole(first)
-    if not (first / "checkpoint.pth").exists():  # killed before the first save finished: start over, allowed
+    attempts = 1
+    while not (first / "checkpoint.pth").exists():  # killed before the first save finished: start over, allowed
+        if attempts == 4:  # a random kill can land before the first save a few times in a row, not every time
+            pytest.fail(f"no checkpoint after {attempts} runs (seed {seed}): {proc.stderr.read().decode()[-2000:]}")
         proc = _run_and_kill(["pretrain", *args, "--out", first, "--overwrite"], first, rng, env)
         _check_outputs_whole(first)
-        if not (first / "checkpoint.pth").exists():
-            pytest.fail(f"no checkpoint after two runs (seed {seed}): {proc.stderr.read().decode()[-2000:]}")
+        attempts += 1
     # The scenario: resume a copy without --out; the original folder must not change.
     shutil.copytree(first, copy)
     before = _digest(first)
