@@ -5,7 +5,7 @@ conventions (range-checked argparse types, UsageError â†’ exit 2, other errors â
 import os
 from typing import Any, Dict
 
-from .cli import (UsageError, finite_float, finite_positive_float, nonnegative_int, positive_int, probability,
+from .cli import (UsageError, resumed_config, finite_float, finite_positive_float, nonnegative_int, positive_int, probability,
                   removed_if_empty_on_error)
 
 __all__ = ["add_detection_commands", "train_detector_main", "detect_main", "draw_detections"]
@@ -97,7 +97,6 @@ def _add_train_detector(commands) -> None:
 
 
 def _train_detector_config(args):
-    from .train.checkpoint import load_checkpoint
     from .train.detector import DetectorConfig, make_detector_config
 
     names = ("data", "out", "model", "text_encoder", "weights", "epochs", "batch_size", "lr", "lr_backbone",
@@ -110,21 +109,8 @@ def _train_detector_config(args):
             return make_detector_config(**given)
         except ValueError as e:
             raise UsageError(str(e)) from e
-    path = args.resume or os.path.join(given.get("out", "out-detector"), "checkpoint.pth")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    ckpt = load_checkpoint(path)
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(stored, dict) or ckpt.get("format") is None or "detector" not in str(ckpt.get("format")):
-        raise ValueError(f"--resume: {path} is not a train-detector checkpoint")
-    values = dict(stored)
-    values.update(given)
-    values["resume"] = path
-    values["out"] = given["out"] if "out" in given else (os.path.dirname(path) or ".")
-    try:
-        return DetectorConfig.from_dict(values)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from e
+    return resumed_config(args.resume, given, "out-detector", DetectorConfig.from_dict,
+                          lambda fmt: fmt is not None and "detector" in str(fmt), "a train-detector checkpoint")
 
 
 def train_detector_main(args) -> int:
