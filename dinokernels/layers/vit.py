@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["drop_path", "DropPath", "PatchEmbed", "Attention", "Mlp", "SwiGLUFFN", "LayerScale", "Block",
-           "swiglu_hidden_features", "resize_patch_pos_embed"]
+           "swiglu_hidden_features", "resize_patch_pos_embed", "init_vit_weights"]
 
 
 def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
@@ -211,6 +211,21 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def init_vit_weights(model: nn.Module) -> None:
+    """The ViT weight init shared by DINO and DINOv2, in module order (which fixes the random draws):
+    trunc-normal(0.02) Linear weights with zero biases, unit LayerNorms, LayerScale at its init value."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, LayerScale):
+            module.reset_parameters()
 
 
 def resize_patch_pos_embed(patch_pos_embed: Tensor, rows: int, cols: int, offset: float = 0.1,

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from dinokernels.train.config import (CLUTTERED_DIGITS_PRESET, DEFAULT_PRESET, DIGITS_PRESET, PRESETS, PretrainConfig,
+from dinokernels.train.config import (DEFAULT_PRESET, DIGITS_PRESET, PRESETS, PretrainConfig,
                                       make_config)
 from dinokernels.train.trainer import train_dino
 

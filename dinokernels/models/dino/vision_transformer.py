@@ -17,7 +17,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ...layers import Block, PatchEmbed, resize_patch_pos_embed
+from ...layers import Block, PatchEmbed, init_vit_weights, resize_patch_pos_embed
 
 __all__ = ["VisionTransformer", "vit_nano", "vit_tiny", "vit_small", "vit_base", "build_backbone", "ARCHS"]
 
@@ -59,14 +59,7 @@ class VisionTransformer(nn.Module):
         module order with zero biases; LayerNorms get weight 1, bias 0. That order fixes the random draws."""
         for token_param in (self.pos_embed, self.cls_token):
             nn.init.trunc_normal_(token_param, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_vit_weights(self)
 
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
         """Position embedding (1, 1 + N', C) for tokens x (B, 1 + N', C) of an h × w image (rows, then columns):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ...layers import Block, LayerScale, PatchEmbed, resize_patch_pos_embed
+from ...layers import Block, PatchEmbed, init_vit_weights, resize_patch_pos_embed
 
 __all__ = ["DinoVisionTransformer", "BlockChunk", "vit_small", "vit_base", "vit_large", "vit_giant2", "HUB_MODELS",
            "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "dinov2_vits14_reg",
@@ -102,16 +102,7 @@ class DinoVisionTransformer(nn.Module):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerScale):
-                module.reset_parameters()
+        init_vit_weights(self)
 
     # ---- tokens ----
     def _block_list(self) -> List[nn.Module]:

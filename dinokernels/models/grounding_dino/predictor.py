@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .postprocess import assign_classes, classes_to_caption, post_process
@@ -35,7 +36,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "resized_shape", "resi
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ImageLike = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 def _check_sizes(fn: str, size, max_size) -> Tuple[int, Optional[int]]:
