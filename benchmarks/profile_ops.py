@@ -57,7 +57,7 @@ def _graph_capture(fn) -> str:
         return "ok"
     except RuntimeError as exc:  # reported, not raised: this is a measurement
         torch.cuda.synchronize()
-        return f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return f"fails: {type(exc).__name__}: {' | '.join(str(exc).splitlines())[:600]}"
 
 
 def profile_op(op: str, dtypes, nvtx: bool):
