@@ -27,7 +27,7 @@ import torch
 from .backbone import FEATURE_KINDS, FeatureModel, checkpoint_fingerprint, load_feature_model
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "embed_folder", "load_embeddings", "load_patch_tokens",
-           "EmbedResult", "EMBEDDINGS_FORMAT", "read_meta", "default_resize"]
+           "EmbedResult", "EMBEDDINGS_FORMAT", "read_meta", "default_resize", "OutputFolderError"]
 
 EMBEDDINGS_FORMAT = "dinokernels.embeddings.v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -36,6 +36,10 @@ DEFAULT_SHARD_SIZE = 1024
 # Settings that must match when a run resumes (anything else may change between runs).
 _RESUME_KEYS = ("checkpoint_fingerprint", "which", "what", "image_size", "resize", "mean", "std", "shard_size",
                 "num_files", "files_sha256", "embed_dim", "patch_size")
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot take this run: another run's settings, or files that are not an embed output."""
 
 
 @dataclass
@@ -283,14 +287,14 @@ def _check_resume(out_dir: str, meta: Dict, files: List[str]) -> set:
     if not os.path.exists(meta_path):
         leftovers = [n for n in os.listdir(out_dir) if not n.startswith(".")]
         if leftovers:
-            raise ValueError(f"output folder {out_dir!r} is not empty and holds no meta.json (found "
+            raise OutputFolderError(f"output folder {out_dir!r} is not empty and holds no meta.json (found "
                              f"{', '.join(sorted(leftovers)[:5])}): give a new or empty folder")
         return set()
     old = read_meta(out_dir)
     diffs = [f"{k}: {_short(old.get(k))} before, {_short(meta[k])} now" for k in _RESUME_KEYS
              if old.get(k) != meta[k]]
     if diffs:
-        raise ValueError(f"output folder {out_dir!r} holds embeddings made with other settings ({'; '.join(diffs)}); "
+        raise OutputFolderError(f"output folder {out_dir!r} holds embeddings made with other settings ({'; '.join(diffs)}); "
                          f"resume with the same checkpoint and options, or give another output folder")
     shard_size = meta["shard_size"]
     by_shard: Dict[int, List[Dict]] = {}
