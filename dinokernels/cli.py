@@ -719,6 +719,7 @@ def add_commands(commands) -> None:
     _add_attention(commands)
     from .cli_detection import add_detection_commands  # train-detector, detect (imported here: it imports cli)
     add_detection_commands(commands)
+    from .cli_curate import add_curate_commands; add_curate_commands(commands)  # curate (imports cli too)
     from .cli_features import add_feature_commands; add_feature_commands(commands)  # embed, retrieve
 
 

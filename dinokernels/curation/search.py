@@ -286,7 +286,8 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 0, backend: str = "auto", 
         if threads:
             faiss.omp_set_num_threads(int(threads))
         km = faiss.Kmeans(a.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True,
-                          max_points_per_centroid=int(max_points_per_centroid), gpu=faiss.get_num_gpus() > 0,
+                          max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1,
+                          gpu=faiss.get_num_gpus() > 0,
                           verbose=False)
         km.train(sample)
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
