@@ -143,6 +143,8 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """
     _check_koleo("koleo_loss", x, eps)
     if D.use_reference("koleo_forward", x.device):
+        if D.checks_values(x.device):  # what the kernels check in their pass, with the same error
+            D.check_finite_inputs("koleo_loss", {"x": x})
         return koleo_loss_ref(x, eps)
     if x.device.type == "cpu" and x.dtype in D.HALF_DTYPES:
         x = x.float()
@@ -252,6 +254,9 @@ def nearest_neighbors(x: Tensor, y: Optional[Tensor] = None,
         exclude_self = y is None
     _check_nn("nearest_neighbors", x, y, exclude_self)
     if D.use_reference("nearest_neighbors", x.device):
+        if D.checks_values(x.device):  # the kernels' in-pass check counts x and y together
+            D.raise_if_nonfinite("nearest_neighbors", "x" if y is None else "x' or 'y",
+                                 D.nonfinite_count(x) + D.nonfinite_count(y))
         return nearest_neighbors_ref(x, y, exclude_self)
     if x.device.type == "cpu" and x.dtype in D.HALF_DTYPES:
         x = x.float()

@@ -50,6 +50,13 @@ def _check_inputs(op: str, student: Tensor, teacher: Tensor, center: Optional[Te
     return s, teacher.shape[0], b, k
 
 
+def check_loss(public_op: str, inputs: dict, loss: Tensor, teacher_sum: Optional[Tensor] = None):
+    """The finiteness check of every backend, on the result: a non-finite loss (or teacher logit sum (K,)) names
+    the first of `inputs` (public name → tensor, student first) holding NaN/inf, or reports an overflow."""
+    if not bool(torch.isfinite(loss)) or (teacher_sum is not None and not bool(torch.isfinite(teacher_sum).all())):
+        D.raise_nonfinite_inputs(public_op, inputs, "gives a non-finite loss (overflow: is student_temp tiny?)")
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -102,11 +109,9 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
                                                                  t * b, k, teacher_sum.data_ptr(), device, stream)
     if _config.check_finite(student.device.type):  # inside the op: torch.compile sees no data-dependent branch
-        ok = bool(torch.isfinite(loss)) and (not return_teacher_sum or bool(torch.isfinite(teacher_sum).all()))
-        if not ok:
-            public_op, *names = arg_names.split(",")
-            D.raise_nonfinite_inputs(public_op, dict(zip(names, (student, teacher, center, weights))),
-                                     "gives a non-finite loss (overflow: is student_temp tiny?)")
+        public_op, *names = arg_names.split(",")
+        check_loss(public_op, dict(zip(names, (student, teacher, center, weights))), loss,
+                   teacher_sum if return_teacher_sum else None)
     return loss, student_stats, target_sum, teacher_stats, teacher_sum, grad_student
 
 
