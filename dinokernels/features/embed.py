@@ -255,6 +255,8 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
                                   "error": errors.get(i, "")})
                     unreadable.append((rel, errors.get(i, "")))
             _append_lines(manifest, lines)
+        if done_files > resumed_files:  # the last line, whatever the bar's interval
+            bar.update(done_files, 0, 1, {"unreadable": len(unreadable)}, force=True)
     finally:
         bar.close()
     meta["complete"] = True
