@@ -136,14 +136,14 @@ def _write_calibration_copies(pool: _Set, sample: np.ndarray, folder: str) -> Li
 
 # ---- the run --------------------------------------------------------------------------------------------------
 
-def _embed(config: CurateConfig, model, root: str, name: str, log) -> _Set:
+def _embed(config: CurateConfig, model, root: str, name: str, log, on_batch=None) -> _Set:
     from ..features.embed import embed_folder, list_images, load_embeddings
 
     folder = os.path.join(config.out, "embeddings", name)
     result = embed_folder(config.checkpoint, root, folder, what=FEATURES, batch_size=config.batch_size,
                           image_size=config.image_size, device=config.device, which=config.which,
                           shard_size=config.shard_size, num_workers=config.num_workers, progress=config.progress,
-                          model=model)
+                          model=model, on_batch=None if on_batch is None else (lambda n: on_batch(name, n)))
     paths, vectors = load_embeddings(folder, what=config.feature, absolute=False)
     log(f"{name}: {result.num_embedded} of {result.num_files} images embedded"
         + (f" ({result.resumed_files} from an earlier run)" if result.resumed_files else "")
@@ -182,8 +182,11 @@ def _check_config(config: CurateConfig) -> None:
     available_backend(config.backend)
 
 
-def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None) -> Dict[str, Any]:
-    """Runs the pipeline (module docstring) and returns the summary (also written to <out>/summary.json)."""
+def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None,
+           on_batch: Optional[Callable[[str, int], None]] = None) -> Dict[str, Any]:
+    """Runs the pipeline (module docstring) and returns the summary (also written to <out>/summary.json).
+    model: the checkpoint's FeatureModel when already loaded; on_batch(set name, batches done): called during
+    embedding (tests interrupt a run through it)."""
     from ..features.backbone import load_feature_model
     from ..train.checkpoint import atomic_write
 
@@ -192,9 +195,9 @@ def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None)
     timings: Dict[str, float] = {}
     if model is None:
         model = load_feature_model(config.checkpoint, which=config.which, device=config.device)
-    pool = _embed(config, model, config.pool, "pool", log)
-    curated = _embed(config, model, config.curated, "curated", log) if config.curated else None
-    evals = _embed(config, model, config.eval, "eval", log) if config.eval else None
+    pool = _embed(config, model, config.pool, "pool", log, on_batch)
+    curated = _embed(config, model, config.curated, "curated", log, on_batch) if config.curated else None
+    evals = _embed(config, model, config.eval, "eval", log, on_batch) if config.eval else None
     timings["embed_s"] = time.perf_counter() - t0
     n = len(pool.paths)
     if n == 0:
@@ -211,7 +214,7 @@ def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None)
         sample = _sample_rows(n, config.calibration_images)
         copy_dir = os.path.join(config.out, "calibration", "images")
         copies = _write_calibration_copies(pool, sample, copy_dir)
-        cal_set = _embed(config, model, copy_dir, "calibration", log)
+        cal_set = _embed(config, model, copy_dir, "calibration", log, on_batch)
         where = {p: i for i, p in enumerate(cal_set.paths)}
         have = [(where[rel], pos, kind) for rel, pos, kind in copies if rel in where]
         if not have:
