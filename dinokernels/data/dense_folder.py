@@ -105,7 +105,7 @@ def read_mask(path: str) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            array = np.asarray(img)
+            array = np.array(img)  # a writable copy
     except Exception as e:
         raise DenseFileError(f"cannot read mask {path!r}: {' '.join(str(e).split()) or type(e).__name__}") from e
     if array.ndim != 2:
@@ -118,7 +118,7 @@ def read_mask(path: str) -> np.ndarray:
             raise DenseFileError(f"mask {path!r} holds values outside 0..255 (class indices are 0..254, 255 = "
                                  f"ignore)")
         array = array.astype(np.uint8)
-    return np.ascontiguousarray(array)
+    return array
 
 
 def read_depth(path: str) -> np.ndarray:
@@ -132,7 +132,7 @@ def read_depth(path: str) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 mode = img.mode
-                array = np.asarray(img)
+                array = np.array(img)
     except Exception as e:
         raise DenseFileError(f"cannot read depth {path!r}: {' '.join(str(e).split()) or type(e).__name__}") from e
     if array.ndim != 2:

@@ -38,7 +38,8 @@ from ..data.dense_folder import DenseFileError, DenseFolder, read_depth, read_im
 __all__ = ["IGNORE_INDEX", "DenseFeatures", "LinearDenseHead", "extract_dense_split", "train_segmentation_head",
            "train_depth_head", "predict_segmentation", "predict_depth", "segmentation_confusion",
            "segmentation_metrics", "depth_image_metrics", "depth_metrics", "silog_loss", "segmentation_palette",
-           "colorize_segmentation", "colorize_depth"]
+           "colorize_segmentation", "colorize_depth", "save_head", "load_head",
+           "evaluate_dense_probe", "training_baseline", "HEAD_FORMAT"]
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -320,6 +321,9 @@ def train_segmentation_head(features: DenseFeatures, num_classes: int, epochs: i
     torch.manual_seed(seed)
     head = LinearDenseHead(features.input_dim(with_cls), num_classes, with_cls)
     head.set_standardization(features)
+    with torch.no_grad():  # start from the class prior: an untrained head predicts the majority class
+        counts = torch.bincount(labels[labels != ignore_index].long().reshape(-1), minlength=num_classes)
+        head.linear.bias.copy_(torch.log((counts.double() + 1) / (counts.sum() + num_classes)).float())
 
     def loss_fn(logits, target):
         return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
@@ -422,3 +426,137 @@ def colorize_depth(depth: np.ndarray, lo: Optional[float] = None, hi: Optional[f
         colour = _DEPTH_RAMP[k] * (1 - f) + _DEPTH_RAMP[k + 1] * f
         rgb[valid] = np.rint(colour[valid]).astype(np.uint8)
     return Image.fromarray(rgb, mode="RGB")
+
+
+# ---- a whole run: train (or load) a head, evaluate, write pictures and metrics -----------------------------------
+
+HEAD_FORMAT = "dinokernels-dense-probe-1"
+_EXAMPLES = 8  # images in examples.png
+
+
+def save_head(path: str, head: LinearDenseHead, task: str, info: Dict[str, object]) -> None:
+    """Writes the head and what is needed to use it again (task, sizes, the backbone's patch size and width)."""
+    from ..train.checkpoint import atomic_write
+
+    payload = {"format": HEAD_FORMAT, "task": task, "in_dim": head.linear.in_features,
+               "out_dim": head.linear.out_features, "with_cls": head.with_cls,
+               "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **info}
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+
+
+def load_head(path: str, task: str, embed_dim: int, patch_size: int) -> Tuple[LinearDenseHead, Dict[str, object]]:
+    """The head saved by save_head, checked against the task and the feature model (ValueError naming the file)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"head {path!r} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
+    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
+        raise ValueError(f"head {path!r} is not a dense probe head written by `dinokernels probe` (no format "
+                         f"{HEAD_FORMAT!r})")
+    if payload["task"] != task:
+        raise ValueError(f"head {path!r} is a {payload['task']} head, not {task}")
+    if payload.get("embed_dim") != embed_dim or payload.get("patch_size") != patch_size:
+        raise ValueError(f"head {path!r} was trained on features of width {payload.get('embed_dim')} and patch "
+                         f"{payload.get('patch_size')}; this checkpoint has width {embed_dim} and patch {patch_size}")
+    head = LinearDenseHead(int(payload["in_dim"]), int(payload["out_dim"]), bool(payload["with_cls"]))
+    head.load_state_dict(payload["state_dict"])
+    return head.eval(), payload
+
+
+def _examples_grid(rows: List[Tuple[object, object, object]], cell: int = 160):
+    """image | ground truth | prediction per row (PIL images), each resized to `cell` pixels high."""
+    from PIL import Image
+
+    scaled = []
+    for row in rows:
+        scaled.append([im.convert("RGB").resize((max(1, round(im.width * cell / im.height)), cell), Image.NEAREST)
+                       for im in row])
+    width = max(sum(im.width for im in row) + 4 * (len(row) - 1) for row in scaled)
+    grid = Image.new("RGB", (width, len(scaled) * (cell + 4) - 4), (255, 255, 255))
+    for r, row in enumerate(scaled):
+        x = 0
+        for im in row:
+            grid.paste(im, (x, r * (cell + 4)))
+            x += im.width + 4
+    return grid
+
+
+def evaluate_dense_probe(head: LinearDenseHead, task: str, val: DenseFeatures, out_dir: Optional[str] = None,
+                         num_classes: Optional[int] = None, baseline: Optional[float] = None,
+                         ignore_index: int = IGNORE_INDEX) -> Dict[str, object]:
+    """Predicts every image of `val` at its label's own size (labels re-read from disk), returns the metrics, and
+    with `out_dir` writes predictions/<stem>.png (segmentation: palette PNG, colours that read back as class
+    indices; depth: colour PNG, plus depth_mm/<stem>.png, 16-bit millimetres) and examples.png. `baseline`: the
+    majority training class (segmentation) or the mean training depth (depth), scored alongside."""
+    from PIL import Image
+
+    if out_dir is not None:
+        os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+        if task == "depth":
+            os.makedirs(os.path.join(out_dir, "depth_mm"), exist_ok=True)
+    confusion = base_confusion = None
+    per_image, base_per_image, rows, skipped = [], [], [], []
+    for i, stem in enumerate(val.stems):
+        try:
+            label = read_label(val.label_paths[i], task)
+        except DenseFileError as e:
+            skipped.append((val.label_paths[i], str(e)))
+            continue
+        size = tuple(label.shape)
+        if task == "seg":
+            pred = predict_segmentation(head, val, i, size)
+            target = torch.from_numpy(label)
+            c = segmentation_confusion(pred, target, num_classes, ignore_index)
+            confusion = c if confusion is None else confusion + c
+            if baseline is not None:
+                b = segmentation_confusion(torch.full_like(pred, int(baseline)), target, num_classes, ignore_index)
+                base_confusion = b if base_confusion is None else base_confusion + b
+            picture = colorize_segmentation(pred.numpy())
+            truth = colorize_segmentation(label)
+        else:
+            pred = predict_depth(head, val, i, size)
+            gt = torch.from_numpy(label)
+            m = depth_image_metrics(pred, gt)
+            per_image.append(m)
+            if baseline is not None:
+                base_per_image.append(depth_image_metrics(torch.full_like(pred, float(baseline)), gt))
+            lo, hi = float(head.min_depth), float(head.max_depth)
+            picture = colorize_depth(pred.numpy(), lo, hi)
+            truth = colorize_depth(label, lo, hi)
+        if out_dir is not None:
+            picture.save(os.path.join(out_dir, "predictions", f"{stem}.png"))
+            if task == "depth":
+                mm = np.clip(np.rint(pred.numpy().astype(np.float64) * 1000), 1, 65535).astype(np.uint16)
+                Image.fromarray(mm).save(os.path.join(out_dir, "depth_mm", f"{stem}.png"))
+            if len(rows) < _EXAMPLES:
+                rows.append((read_image(val.images[i]), truth, picture))
+    if out_dir is not None and rows:
+        _examples_grid(rows).save(os.path.join(out_dir, "examples.png"))
+    result: Dict[str, object] = {"images": len(val.stems) - len(skipped),
+                                 "skipped": [{"path": p, "reason": r} for p, r in list(val.skipped) + skipped]}
+    if task == "seg":
+        if confusion is None:
+            raise ValueError("no validation image could be evaluated")
+        result["metrics"] = segmentation_metrics(confusion)
+        if base_confusion is not None:
+            result["baseline"] = {"predicts_class": int(baseline), **segmentation_metrics(base_confusion)}
+    else:
+        if not per_image:
+            raise ValueError("no validation image could be evaluated")
+        result["metrics"] = depth_metrics(per_image)
+        if base_per_image:
+            result["baseline"] = {"predicts_depth_m": float(baseline), **depth_metrics(base_per_image)}
+        result["per_image"] = [{"stem": s, **(m or {"rmse": None})} for s, m in zip(val.stems, per_image)]
+    return result
+
+
+def training_baseline(task: str, train: DenseFeatures, ignore_index: int = IGNORE_INDEX) -> float:
+    """The trivial predictor of the training labels: the most frequent class, or the mean valid depth."""
+    labels = train.labels
+    if task == "seg":
+        counts = torch.bincount(labels[labels != ignore_index].long().reshape(-1), minlength=1)
+        return float(counts.argmax())
+    valid = torch.isfinite(labels) & (labels > 0)
+    return float(labels[valid].double().mean())
