@@ -730,6 +730,7 @@ def add_commands(commands) -> None:
     add_detection_commands(commands)
     from .cli_curate import add_curate_commands; add_curate_commands(commands)  # curate (imports cli too)
     from .cli_features import add_feature_commands; add_feature_commands(commands)  # embed, retrieve
+    from .cli_probes import add_probe_commands; add_probe_commands(commands)  # probe seg / depth (dense probes)
 
 
 def build_parser() -> argparse.ArgumentParser:
