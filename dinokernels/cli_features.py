@@ -40,6 +40,8 @@ def _model_flags(p, required: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--num-workers", type=nonnegative_int(256), default=0, dest="num_workers",
                    help="image decoding processes (0: in the main process)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage of the features (float16: half the disk; loaded back as float32)")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 
@@ -92,7 +94,7 @@ def _embed(args, model, data: str, out: str, what):
         return embed_folder(args.checkpoint, data, out, what=what, batch_size=args.batch_size,
                             image_size=args.image_size, resize=args.resize, which=args.which,
                             shard_size=args.shard_size, num_workers=args.num_workers, progress=args.progress,
-                            model=model)
+                            model=model, dtype=args.dtype)
     except OutputFolderError as e:
         raise UsageError(str(e)) from None
 

@@ -4,9 +4,9 @@ Layout of an output folder (docs/features.md):
 
 * `meta.json` — the settings (checkpoint fingerprint, `which`, kinds, image size, resize, normalisation, shard
   size), the number and a hash of the listed files, the column ranges of each kind, and `complete`.
-* `shard_00000.npy` … — float32 (rows, F): one row per readable image of that shard, the requested vector kinds
+* `shard_00000.npy` … — float32 or float16 (rows, F): one row per readable image of that shard, the vector kinds
   side by side in the order cls, patch_mean (`columns` in meta.json gives each kind's range).
-* `patch_00000.npy` … — float32 (rows, h, w, D) patch tokens, when asked for.
+* `patch_00000.npy` … — (rows, h, w, D) patch tokens in the same dtype, when asked for.
 * `manifest.jsonl` — one line per listed file: `path` (relative to the data folder), `shard`, `row`, `status`
   ("ok" or "unreadable") and, for unreadable files, `error`.
 
@@ -35,7 +35,8 @@ VECTOR_KINDS = ("cls", "patch_mean")
 DEFAULT_SHARD_SIZE = 1024
 # Settings that must match when a run resumes (anything else may change between runs).
 _RESUME_KEYS = ("checkpoint_fingerprint", "which", "what", "image_size", "resize", "mean", "std", "shard_size",
-                "num_files", "files_sha256", "embed_dim", "patch_size")
+                "num_files", "files_sha256", "embed_dim", "patch_size", "dtype")
+STORAGE_DTYPES = ("float32", "float16")
 
 
 class OutputFolderError(ValueError):
@@ -142,7 +143,8 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
                  image_size: Optional[int] = None, resize: Optional[int] = None, device="cpu",
                  which: str = "teacher", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
                  progress: bool = True, model: Optional[FeatureModel] = None,
-                 on_batch: Optional[Callable[[int], None]] = None, log=None) -> EmbedResult:
+                 on_batch: Optional[Callable[[int], None]] = None, log=None, dtype: str = "float32"
+                 ) -> EmbedResult:
     """Embeds every image under `data` (list_images) with the checkpoint's FeatureModel into `out_dir` (layout in
     the module docstring), resuming a run found there.
 
@@ -150,7 +152,8 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
     patch size; default the model's default_image_size), after resizing the shorter side to `resize` (default
     256/224 of it). `model`: an already loaded FeatureModel for `checkpoint` (the checkpoint path is still
     needed: its fingerprint guards resumes). `on_batch(n)`: called after each batch with the number of batches
-    done in this call (tests interrupt a run through it). Unreadable files are counted, listed in the manifest
+    done in this call (tests interrupt a run through it). dtype: "float32" or "float16" (half the disk; the
+    features are computed in float32 and rounded when stored). Unreadable files are counted, listed in the manifest
     and skipped. Resuming with other settings (checkpoint, which, kinds, sizes, shard size, file listing) raises
     ValueError naming them."""
     from ..data.transforms import EvalTransform
@@ -164,6 +167,8 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be ≥ 0, got {num_workers!r}")
     files = list_images(data)
@@ -192,7 +197,7 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
             "image_size": image_size, "resize": resize, "mean": list(model.mean), "std": list(model.std),
             "embed_dim": D, "patch_size": model.patch_size, "shard_size": shard_size,
             "data": os.path.abspath(data), "num_files": len(files),
-            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "dtype": "float32",
+            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "dtype": dtype,
             "complete": False}
 
     os.makedirs(out_dir, exist_ok=True)
@@ -242,10 +247,10 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
                     on_batch(batches)
             grid = image_size // model.patch_size
             _write_npy(os.path.join(out_dir, _shard_name("shard", k)),
-                       np.concatenate(vectors) if vectors else np.zeros((0, D * len(vector_kinds)), np.float32))
+                       (np.concatenate(vectors) if vectors else np.zeros((0, D * len(vector_kinds)))).astype(dtype))
             if "patch_tokens" in what:
                 _write_npy(os.path.join(out_dir, _shard_name("patch", k)),
-                           np.concatenate(patches) if patches else np.zeros((0, grid, grid, D), np.float32))
+                           (np.concatenate(patches) if patches else np.zeros((0, grid, grid, D))).astype(dtype))
             lines = []
             for i, rel in enumerate(shard_files):
                 if i in rows:
@@ -350,7 +355,8 @@ def _stack(out_dir: str, prefix: str, recs: List[Dict]) -> np.ndarray:
 
 def load_embeddings(out_dir: str, what: Optional[Union[str, Sequence[str]]] = None, absolute: bool = True,
                     allow_partial: bool = False) -> Tuple[List[str], np.ndarray]:
-    """(paths, features (N, F) float32) of the readable images of an `embed` output folder, in listing order.
+    """(paths, features (N, F) float32, whatever the stored dtype) of the readable images of an `embed` output
+    folder, in listing order.
     paths: absolute (the data folder joined with the manifest path) unless `absolute=False`. what: None for all
     stored vector kinds side by side, or "cls" / "patch_mean" (or a list) for those columns only. An interrupted
     run raises unless allow_partial."""
@@ -382,7 +388,7 @@ def load_patch_tokens(out_dir: str, absolute: bool = True, allow_partial: bool =
     if not recs:
         g = meta["image_size"] // meta["patch_size"]
         array = np.zeros((0, g, g, meta["embed_dim"]), np.float32)
-    return _paths(meta, recs, absolute), array
+    return _paths(meta, recs, absolute), np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _paths(meta: Dict, recs: List[Dict], absolute: bool) -> List[str]:

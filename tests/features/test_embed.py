@@ -170,6 +170,25 @@ def test_every_file_unreadable_is_not_fatal(tmp_path):
     assert paths == [] and arr.shape == (0, 64)
 
 
+def test_float16_storage_and_decoding_workers(setup):
+    ckpt, data, tmp = setup
+    ref = embed_folder(ckpt, data, str(tmp / "f32"), what=["cls", "patch_tokens"], image_size=16, progress=False,
+                       batch_size=4)
+    half = embed_folder(ckpt, data, str(tmp / "f16"), what=["cls", "patch_tokens"], image_size=16, progress=False,
+                        dtype="float16", num_workers=1, batch_size=4)
+    assert half.num_embedded == ref.num_embedded == 12 and [p for p, _ in half.unreadable] == ["c/broken.jpg"]
+    assert np.load(os.path.join(tmp, "f16", "shard_00000.npy")).dtype == np.float16
+    for load in (load_embeddings, load_patch_tokens):
+        p32, a32 = load(str(tmp / "f32"))
+        p16, a16 = load(str(tmp / "f16"))
+        assert p16 == p32 and a16.dtype == np.float32
+        np.testing.assert_array_equal(a16, a32.astype(np.float16).astype(np.float32))
+    with pytest.raises(ValueError, match="dtype: \"float16\" before, \"float32\" now"):
+        embed_folder(ckpt, data, str(tmp / "f16"), what=["cls", "patch_tokens"], image_size=16, progress=False)
+    with pytest.raises(ValueError, match="dtype must be"):
+        embed_folder(ckpt, data, str(tmp / "f8"), dtype="int8", progress=False)
+
+
 def test_killed_process_resumes(setup):
     """SIGKILL an embedding process once its first shard is in the manifest; `dinokernels embed` with the same
     options finishes the run with the arrays of an uninterrupted one."""
