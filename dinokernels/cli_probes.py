@@ -236,10 +236,13 @@ def probe_main(args) -> int:
     if head_info is None:
         common = dict(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                       with_cls=args.with_cls, seed=args.seed, device=device, log=log)
-        if task == "seg":
-            head = dense.train_segmentation_head(train, num_classes, **common)
-        else:
-            head = dense.train_depth_head(train, silog_lambda=args.silog_lambda, **common)
+        try:
+            if task == "seg":
+                head = dense.train_segmentation_head(train, num_classes, **common)
+            else:
+                head = dense.train_depth_head(train, silog_lambda=args.silog_lambda, **common)
+        except ValueError as e:  # labels that cannot train a head (e.g. no valid depth at all)
+            raise UsageError(f"--train {train_dir!r}: {e}") from e
         baseline = dense.training_baseline(task, train)
         head_info = {"image_size": size, "label_size": label_size, "patch_size": patch, "embed_dim": width,
                      "num_classes": num_classes, "baseline": baseline, "checkpoint": args.checkpoint,
