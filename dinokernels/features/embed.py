@@ -197,7 +197,7 @@ def embed_folder(checkpoint: str, data: str, out_dir: str, what: Sequence[str] =
             "image_size": image_size, "resize": resize, "mean": list(model.mean), "std": list(model.std),
             "embed_dim": D, "patch_size": model.patch_size, "shard_size": shard_size,
             "data": os.path.abspath(data), "num_files": len(files),
-            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "dtype": dtype,
+            "files_sha256": hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest(), "dtype": dtype,
             "complete": False}
 
     os.makedirs(out_dir, exist_ok=True)

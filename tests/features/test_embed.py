@@ -221,3 +221,20 @@ def test_killed_process_resumes(setup):
                  progress=False)
     np.testing.assert_array_equal(load_embeddings(cut)[1], load_embeddings(full)[1])
     assert load_embeddings(cut)[0] == load_embeddings(full)[0]
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    ckpt = tmp_path / "w.pth"
+    torch.save(tiny_dinov2().state_dict(), ckpt)
+    folder = os.path.join(os.fsencode(str(tmp_path)), b"d")
+    os.makedirs(folder)
+    from PIL import Image
+    for name in (b"caf\xe9.png", b"plain.png"):  # a Latin-1 byte: no UTF-8 decoding of it
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(os.path.join(folder, name).decode("utf-8", "surrogateescape"))
+    data = os.fsdecode(folder)
+    result = embed_folder(str(ckpt), data, str(tmp_path / "o"), image_size=16, progress=False)
+    assert result.num_embedded == 2
+    paths, arr = load_embeddings(str(tmp_path / "o"))
+    assert all(os.path.isfile(p) for p in paths) and arr.shape == (2, 64)
+    np.testing.assert_allclose(arr[0], arr[1], rtol=1e-5, atol=1e-5)  # the same picture
+    assert embed_folder(str(ckpt), data, str(tmp_path / "o"), image_size=16, progress=False).resumed_files == 2
