@@ -1,5 +1,8 @@
 """Helpers shared by several test modules (conftest.py puts this folder on sys.path: pytest's importlib mode
 does not)."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -30,25 +33,37 @@ def assert_within_torch_error(name, got, torch_got, ref64, atol):
 BACKENDS = ("kernel", "reference", "fallback")
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    """Runs the test once per way an op can execute: 'kernel' (the compiled module; skipped when it did not load),
-    'reference' (DINOKERNELS_BACKEND=reference) and 'fallback' (DINOKERNELS_BACKEND=auto with the compiled module
-    missing, simulated by hiding dinokernels._ext._C, so every op takes its pure-PyTorch reference after one
-    FallbackWarning). Yields the name."""
-    import warnings
+def available_backends():
+    from dinokernels import _ext
 
+    return [name for name in BACKENDS if name != "kernel" or _ext.loaded()]
+
+
+@contextlib.contextmanager
+def running_on(name: str):
+    """Ops run on `name`: 'kernel' (the compiled module), 'reference' (DINOKERNELS_BACKEND=reference) or 'fallback'
+    (DINOKERNELS_BACKEND=auto with the compiled module missing, simulated by hiding dinokernels._ext._C, so every
+    op takes its pure-PyTorch reference; the FallbackWarning is silenced)."""
     import dinokernels
     from dinokernels import _ext
     from dinokernels.ops import _dispatch
 
-    name = request.param
-    if name == "kernel" and not _ext.loaded():
-        pytest.skip(f"the compiled module did not load: {_ext.load_error()}")
-    if name == "fallback":
-        monkeypatch.setattr(_ext, "_C", None)
-        monkeypatch.setattr(_ext, "_LOAD_ERROR", "hidden by the test to exercise the fallback")
-        monkeypatch.setattr(_dispatch, "_warned", set())
-    with dinokernels.use_backend("auto" if name == "fallback" else name), warnings.catch_warnings():
-        warnings.simplefilter("ignore", _dispatch.FallbackWarning)
-        yield name
+    saved = _ext._C, _ext._LOAD_ERROR, _dispatch._warned
+    try:
+        if name == "fallback":
+            _ext._C, _ext._LOAD_ERROR, _dispatch._warned = None, "hidden by the test to exercise the fallback", set()
+        with dinokernels.use_backend("auto" if name == "fallback" else name), warnings.catch_warnings():
+            warnings.simplefilter("ignore", _dispatch.FallbackWarning)
+            yield
+    finally:
+        _ext._C, _ext._LOAD_ERROR, _dispatch._warned = saved
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test once per backend (see running_on; 'kernel' is skipped when the compiled module did not load).
+    Yields the name."""
+    if request.param not in available_backends():
+        pytest.skip("the compiled module did not load")
+    with running_on(request.param):
+        yield request.param

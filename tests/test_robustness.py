@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import dinokernels.ops as ops
-from dk_test_helpers import BACKENDS, backend  # noqa: F401 (the fixture, parametrized indirectly below)
+from dk_test_helpers import BACKENDS, available_backends, backend, running_on  # noqa: F401 (backend: a fixture)
 
 OUTCOMES: Dict[str, str] = {}  # probe id → "right answer" | "clear error"
 
@@ -121,7 +121,7 @@ def _lsa_reference(cost, **_):
     return torch.as_tensor(c[r, k].sum())
 
 
-BAD_TEMPERATURES = [0.0, -0.1, float("nan"), float("inf"), "0.1", None, True]
+BAD_TEMPERATURES = [0.0, -0.1, 1e-39, float("nan"), float("inf"), "0.1", None, True]  # 1/1e-39 overflows float32
 
 SPECS: Dict[str, OpSpec] = {
     "koleo_loss": OpSpec(
@@ -411,6 +411,51 @@ def test_index_probe(backend, pid):
     # sinkhorn with 0 iterations has a right answer (the plain normalisation); the rest have none
     must_error = pid not in ("sinkhorn_knopp-zero-iterations",)
     OUTCOMES[f"{backend}-{pid}"] = _outcome(spec, kwargs, arg, must_error)
+
+
+# ---- the same outcome on every backend ----
+
+# Extreme finite values are numerics, not validation: a backend may give the right answer where another reports
+# an overflow (each is still held to "right answer or clear error" above).
+EXTREME = {"1e38", "-1e38", "all-1e38", "subnormal"}
+
+
+def _error_of(call, kwargs):
+    try:
+        call(**kwargs)
+    except Exception as e:  # noqa: BLE001 — the type is part of what must agree
+        return type(e).__name__, str(e)
+    return None
+
+
+def _identity_probes():
+    out = []
+    for op, spec in SPECS.items():
+        for arg in spec.tensor_args:
+            for mutation in MUTATION_NAMES:
+                if mutation not in EXTREME and _applies(op, arg, mutation):
+                    out.append(pytest.param(op, lambda op=op, arg=arg, mutation=mutation: _tensor_probe_inputs(
+                        op, arg, mutation), id=f"{op}-{arg}-{mutation}"))
+        for arg, values in spec.scalar_args.items():
+            for value in values:
+                out.append(pytest.param(op, lambda op=op, arg=arg, value=value: {**SPECS[op].make(), arg: value},
+                                        id=f"{op}-{arg}-{value!r}"))
+    for pid, (_, make) in INDEX_PROBES.items():
+        out.append(pytest.param(pid.split("-")[0], make, id=pid))
+    return out
+
+
+@pytest.mark.parametrize("op,make", _identity_probes())
+def test_same_error_on_every_backend(op, make):
+    """Issue 16 §3: each probe raises the same exception type with the same message on every backend available
+    (kernel, reference, fallback without the compiled module), or succeeds on all of them."""
+    outcomes = {}
+    for name in available_backends():
+        torch.manual_seed(0)
+        kwargs = make()
+        with running_on(name):
+            outcomes[name] = _error_of(SPECS[op].call, kwargs)
+    assert len(set(outcomes.values())) == 1, outcomes
 
 
 def test_hungarian_matcher_bad_outputs():

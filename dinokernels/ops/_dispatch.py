@@ -50,6 +50,16 @@ def check_positive_float(op: str, arg: str, value):
         raise arg_error(op, arg, f"must be a positive finite number, got {value!r}")
 
 
+def check_temperature(op: str, arg: str, value, dtype: torch.dtype, numerator: int = 1):
+    """A positive finite temperature whose factor numerator/τ is finite in the arithmetic of `dtype`'s kernels
+    (float32 for every dtype but float64): the kernels' domain, checked before dispatch so that every backend
+    refuses the same temperatures (the C++ checks it again)."""
+    check_positive_float(op, arg, value)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if math.isinf(torch.tensor(numerator / value, dtype=compute).item()):
+        raise arg_error(op, arg, f"is too small for {str(compute)[6:]} ({numerator}/{arg} overflows), got {value!r}")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels: float64 for float64 input, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

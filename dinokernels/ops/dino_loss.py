@@ -41,7 +41,7 @@ def _check(op: str, student_logits, teacher, teacher_name: str, student_temp):
         raise D.arg_error(op, "student_logits", f"has an empty batch (B=0), shape {tuple(student_logits.shape)}")
     if k < 1:
         raise D.arg_error(op, "student_logits", f"needs at least one class, got shape {tuple(student_logits.shape)}")
-    D.check_positive_float(op, "student_temp", student_temp)
+    D.check_temperature(op, "student_temp", student_temp, student_logits.dtype)
     return s, t, b, k
 
 
@@ -92,7 +92,7 @@ def dino_loss_centered(student_logits: Tensor, teacher_logits: Tensor, center: T
     op = "dino_loss_centered"
     s, t, b, k = _check(op, student_logits, teacher_logits, "teacher_logits", student_temp)
     check_center(op, center, k, student_logits)
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, student_logits.dtype, 2)
     if D.use_reference("soft_ce_forward", student_logits.device):
         def reference(student_logits, teacher_logits, center):
             return dino_loss_centered_ref(student_logits, teacher_logits, center, teacher_temp, student_temp,

@@ -37,7 +37,7 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, w
         raise D.arg_error(op, "weights", f"must have a floating-point dtype, got {weights.dtype}", TypeError)
     if k < 1:
         raise D.arg_error(op, "student_patch_logits", f"needs at least one class, got shape ({n}, {k})")
-    D.check_positive_float(op, "student_temp", student_temp)
+    D.check_temperature(op, "student_temp", student_temp, student_patch_logits.dtype)
     if n == 0:  # no masked token: zero loss, zero-size gradient
         zero = student_patch_logits.sum() * 0
         return zero.to(torch.float64 if student_patch_logits.dtype == torch.float64 else torch.float32)

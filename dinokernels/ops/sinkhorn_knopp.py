@@ -16,7 +16,7 @@ def _check(op, teacher_logits, teacher_temp, n_iterations):
     D.check_tensor(op, "teacher_logits", teacher_logits, 2, "(N, K)")
     if teacher_logits.shape[1] < 1:
         raise D.arg_error(op, "teacher_logits", f"needs at least one column, got shape {tuple(teacher_logits.shape)}")
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, teacher_logits.dtype)
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise D.arg_error(op, "n_iterations", f"must be an integer >= 1, got {n_iterations!r}")
 

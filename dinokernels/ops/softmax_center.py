@@ -40,7 +40,7 @@ def _check(op, teacher_logits, center, teacher_temp):
     if teacher_logits.shape[1] < 1:
         raise D.arg_error(op, "teacher_logits", f"needs at least one column, got shape {tuple(teacher_logits.shape)}")
     check_center(op, center, teacher_logits.shape[1], teacher_logits)
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, teacher_logits.dtype, 2)
 
 
 @torch.library.custom_op("dinokernels::softmax_center", mutates_args=())
