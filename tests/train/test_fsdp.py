@@ -11,6 +11,7 @@ One launch of two processes runs every distributed case in turn (process start-u
 A checkpoint written under FSDP is a full state dict: it loads in a single process without FSDP, resumes there, and
 its backbone loads into a DinoVisionTransformer."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,8 @@ DINOV2 = dict(method="dinov2", subset=16, batch_size_per_gpu=4, epochs=2, warmup
               arch="vit_nano", clip_grad=0.5, saveckp_freq=1, ibot_separate_head=True)
 
 WORKER = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
+    t0 = time.perf_counter()
     import torch
     from dinokernels.train import methods
     from dinokernels.train.config import make_config
@@ -57,14 +59,23 @@ WORKER = textwrap.dedent("""
         return built[-1]
 
     methods.build_method = build_and_keep
+    print(f"imports: {time.perf_counter() - t0:.1f} s", flush=True)
     shards = {}
     for name, settings in json.loads(sys.argv[1]):
+        t0 = time.perf_counter()
         result = train_dino(make_config(**settings))
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
         assert result["world_size"] == 2 and get_world_size() == 2, result
         student = built[-1].student
         params = list(student.parameters())
         shards[name] = {"sharded": all(is_sharded(p) for p in params), "global": sum(p.numel() for p in params),
                         "local": sum(local_part(p).numel() for p in params)}
+        if name in ("dino_fsdp", "v2_fsdp"):  # the final model for the report: gathered, whole on rank 0 only
+            final = built[-1].eval_backbone()
+            assert (final is None) == (os.environ["RANK"] != "0"), final
+            if final is not None:
+                assert not any(is_sharded(t) for t in final.state_dict().values())
+                torch.save(final.state_dict(), f"eval_{name}.pth")
     with open(f"shards{os.environ['RANK']}.json", "w") as f:
         json.dump(shards, f)
     cleanup_distributed()
@@ -148,6 +159,21 @@ def test_fsdp_really_shards_and_says_so(runs):
     assert "FSDP (float32 compute)" in runs["logs"][0] and "FSDP (bfloat16 compute)" in runs["logs"][0]
     summary = json.load(open(os.path.join(runs["out"]["v2_bf16"], "summary.json")))
     assert summary["fsdp"] is True and summary["fsdp_compute_dtype"] == "bfloat16"
+
+
+def test_fsdp_final_model_is_gathered_whole_on_rank0(runs):
+    dino = torch.load(runs["root"] / "eval_dino_fsdp.pth", weights_only=True)
+    ckpt = load_checkpoint(os.path.join(runs["out"]["dino_fsdp"], "checkpoint.pth"))
+    assert dino.keys() == ckpt["teacher"].keys()
+    for k, v in dino.items():
+        assert torch.equal(v, ckpt["teacher"][k]), k
+    v2 = torch.load(runs["root"] / "eval_v2_fsdp.pth", weights_only=True)
+    state = load_checkpoint(os.path.join(runs["out"]["v2_fsdp"], "checkpoint.pth"))["method"]
+    expected = {k.replace("teacher.dino_head.", "head.").replace("teacher.", ""): v for k, v in state.items()
+                if k.startswith(("teacher.backbone.", "teacher.dino_head."))}
+    assert v2.keys() == expected.keys()
+    for k, v in v2.items():
+        assert torch.equal(v, expected[k]), k
 
 
 def test_dino_fsdp_equals_ddp(runs):
@@ -258,9 +284,59 @@ def test_cli_bad_fsdp_flags_are_usage_errors(tmp_path, capsys, argv, message):
     assert not os.path.exists(out)
 
 
+def test_cli_fsdp_fp16_in_one_process_then_resume_without_fsdp(tmp_path, capsys):
+    """--fsdp --fsdp-mixed-precision fp16 on the CPU (float16 compute with loss scaling), then --resume --no-fsdp:
+    the stored FSDP settings are dropped and the plain run continues from the full checkpoint."""
+    out = str(tmp_path / "run")
+    common = ["--method", "dinov2", "--subset", "8", "--batch-size", "4", "--global-size", "8", "--local-size", "4", "--patch-size", "4", "--local-crops-number", "2", "--out-dim", "32",
+              "--hidden-dim", "16", "--bottleneck-dim", "8", "--arch", "vit_nano", "--device", "cpu", "--no-eval",
+              "--no-progress", "--num-workers", "0"]
+    assert cli_main(["pretrain", "--out", out, "--epochs", "1", "--fsdp", "--fsdp-mixed-precision", "fp16"]
+                    + common) == 0
+    err = capsys.readouterr().err
+    assert "FSDP (float16 compute)" in err and "float16 on the CPU is slow" in err
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert ckpt["config"]["fsdp"] is True and ckpt["config"]["fsdp_mixed_precision"] == "fp16"
+    assert ckpt["fp16_scaler"] is not None and ckpt["fp16_scaler"]["scale"] > 0  # the loss scaler's state
+    assert all(v.dtype == torch.float32 for v in ckpt["method"].values() if v.is_floating_point())
+    assert cli_main(["pretrain", "--resume", os.path.join(out, "checkpoint.pth"), "--epochs", "2", "--no-fsdp"]) == 0
+    resumed = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert resumed["iteration"] == 4 and resumed["config"]["fsdp"] is False
+    assert resumed["config"]["fsdp_mixed_precision"] == "auto"
+    assert "FSDP" not in capsys.readouterr().err
+
+
 def test_world_size_without_rank_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK is not set: start the processes with torchrun"):
         train_dino(make_config(**dict(DINOV2, epochs=1, out=str(tmp_path / "x"), fsdp=True)))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.cuda
+def test_fsdp_on_cuda_one_process(tmp_path):
+    """On a GPU (NCCL group of one): FSDP without mixed precision equals plain float32 training; the default
+    (auto) computes in bf16 near it and resumes under FSDP; fp16 compute with loss scaling trains DINO."""
+    v2 = dict(DINOV2, device="cuda")
+    plain = train_dino(make_config(**dict(v2, precision="fp32", out=str(tmp_path / "plain"))))
+    none = train_dino(make_config(**dict(v2, fsdp=True, fsdp_mixed_precision="none", out=str(tmp_path / "none"))))
+    assert none["fsdp_compute_dtype"] is None and plain["fsdp"] is False
+    torch.testing.assert_close(_losses(tmp_path / "none"), _losses(tmp_path / "plain"), rtol=1e-4, atol=0)
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pth") for n in ("none", "plain"))
+    _close_states(a["method"], b["method"], "method", rtol=1e-3, atol=1e-5)
+
+    auto = train_dino(make_config(**dict(v2, fsdp=True, out=str(tmp_path / "auto"))))
+    assert auto["fsdp_compute_dtype"] == "bfloat16" and auto["precision"] == "fp32"
+    bf16, fp32 = _losses(tmp_path / "auto"), _losses(tmp_path / "plain")
+    assert bf16 != fp32 and all(abs(x - y) < 0.05 * abs(y) for x, y in zip(bf16, fp32))
+    resumed = train_dino(make_config(**dict(v2, fsdp=True, out=str(tmp_path / "resumed"),
+                                            resume=str(tmp_path / "auto" / "checkpoint0000.pth"))))
+    assert resumed["iterations"] == auto["iterations"] == 8  # one process: 4 iterations of 4 images per epoch
+    torch.testing.assert_close(_losses(tmp_path / "resumed"), bf16[4:], rtol=1e-3, atol=0)
+
+    fp16 = train_dino(make_config(**dict(DINO, device="cuda", fsdp=True, fsdp_mixed_precision="fp16",
+                                         out=str(tmp_path / "fp16"))))
+    assert fp16["fsdp_compute_dtype"] == "float16" and all(map(math.isfinite, _losses(tmp_path / "fp16")))
+    assert load_checkpoint(tmp_path / "fp16" / "checkpoint.pth")["fp16_scaler"]["scale"] > 0
     assert not torch.distributed.is_initialized()
