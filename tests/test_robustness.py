@@ -227,14 +227,9 @@ MUTATION_NAMES = list(_mutations(SPECS["koleo_loss"], "x"))
 NONFINITE = {"nan", "+inf", "-inf"}
 
 # (The kernels branch of issue 16 §2 is merged; the probes it did not fix are listed below with the rest.)
-_BLAMES_STUDENT = "an overflow caused by huge targets is reported against the student logits, not the argument at fault"
 # Probes that fail today (issue 16, reported to the lead): each reason says what is wrong, for every backend or
 # ({backend: reason}) for some. strict=True: a fix turns them into failures, and the mark is removed.
 OPEN_XFAIL = {
-    "dino_loss-teacher_probs-1e38": _BLAMES_STUDENT,
-    "dino_loss-teacher_probs--1e38": _BLAMES_STUDENT,
-    "dino_loss-teacher_probs-all-1e38": _BLAMES_STUDENT,
-    "ms_deform_attn-attention_weights-all-1e38": "the overflow of huge weights is reported against 'value'",
     # the reference backend is the float64-exact log-domain form itself
     "sinkhorn_knopp-teacher_logits-1e38": {"kernel": "one logit of 1e38: the scaling-vector CPU path and the "
                                                      "float64 log-domain reference give different balanced rows"},
@@ -242,15 +237,6 @@ OPEN_XFAIL = {
     "koleo_loss-x--1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
     "nearest_neighbors-x-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
     "nearest_neighbors-y-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
-    "ibot_patch_loss-teacher_patch_probs-1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                "reported against student_patch_logits",
-    "ibot_patch_loss-teacher_patch_probs--1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                 "reported against student_patch_logits",
-    "ibot_patch_loss-teacher_patch_probs-all-1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                    "reported against student_patch_logits",
-    "ibot_patch_loss-weights-1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
-    "ibot_patch_loss-weights--1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
-    "ibot_patch_loss-weights-all-1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
     **{f"matching_cost-{arg}-{m}": "boxes near 1e38 overflow the float32 L1/GIoU cost: inf/NaN cost, no error"
        for arg in ("pred_boxes", "tgt_boxes") for m in ("1e38", "-1e38", "all-1e38")},
 }

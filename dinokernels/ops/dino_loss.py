@@ -72,7 +72,7 @@ def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temp: float
         if not D.checks_values(student_logits.device):
             return reference(**inputs)
         loss = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r)))
-        soft_ce.check_loss(op, inputs, loss)
+        soft_ce.check_loss(op, inputs, loss, student_temp)
         return loss
     loss, _ = soft_ce.run(op, ("student_logits", "teacher_probs", "center", "weights"), student_logits,
                           teacher_probs, None, None, True, float(student_temp), 1.0, _scale(s, t, b))
@@ -108,7 +108,7 @@ def dino_loss_centered(student_logits: Tensor, teacher_logits: Tensor, center: T
 
         result = D.run_reference(reference, inputs, failed)
         loss, teacher_sum = result if return_sum else (result, None)
-        soft_ce.check_loss(op, inputs, loss, teacher_sum)
+        soft_ce.check_loss(op, inputs, loss, student_temp, teacher_sum)
         return result
     loss, teacher_sum = soft_ce.run(op, ("student_logits", "teacher_logits", "center", "weights"), student_logits,
                                     teacher_logits, center, None, True, float(student_temp), float(teacher_temp),

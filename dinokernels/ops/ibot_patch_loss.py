@@ -50,7 +50,7 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, w
         if not D.checks_values(student_patch_logits.device):
             return reference(**inputs)
         loss = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r)))
-        soft_ce.check_loss(op, inputs, loss)
+        soft_ce.check_loss(op, inputs, loss, student_temp)
         return loss
     loss, _ = soft_ce.run(op, ("student_patch_logits", "teacher_patch_probs", "center", "weights"),
                           student_patch_logits[None], teacher_patch_probs[None], None, weights, False,

@@ -63,6 +63,18 @@ def _check_total(shapes: Tensor, s: int):
         raise D.arg_error(_OP, "value", f"has S={s} rows, but spatial_shapes {shapes.tolist()} hold Σ H·W = {total}")
 
 
+def _raise_nonfinite(inputs: dict):
+    """Every backend's error for a non-finite output: the first input holding NaN/inf, else an overflow of
+    Σ a·bilinear(value), blamed on the larger of max |value| and max |attention_weights| (bilinear weights are ≤ 1).
+    Only runs on the error path."""
+    D.check_finite_inputs(_OP, inputs)
+    size = {name: float(inputs[name].detach().abs().max()) if inputs[name].numel() else 0.0
+            for name in ("value", "attention_weights")}
+    blame = max(size, key=size.get)
+    raise D.arg_error(_OP, blame, f"gives a non-finite output (overflow in the output dtype: entries up to "
+                                  f"{size[blame]:.3g})")
+
+
 def _location_dtype(value: Tensor, sampling_locations: Tensor) -> torch.dtype:
     # CPU: one dtype everywhere. CUDA: locations and weights in float32, or in value's dtype.
     if value.device.type == "cpu" or sampling_locations.dtype == value.dtype:
@@ -122,9 +134,8 @@ def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_in
                                                    torch.isfinite(sampling_locations).all() &
                                                    torch.isfinite(attention_weights).all())
     if bad and _config.check_finite(value.device.type):
-        D.raise_nonfinite_inputs(_OP, {"value": value, "sampling_locations": sampling_locations,
-                                       "attention_weights": attention_weights},
-                                 "gives a non-finite output (overflow in the output dtype?)")
+        _raise_nonfinite({"value": value, "sampling_locations": sampling_locations,
+                          "attention_weights": attention_weights})
     return output
 
 
@@ -257,7 +268,7 @@ def _reference(value, spatial_shapes, level_start_index, sampling_locations, att
         return reference(**inputs).to(value.dtype)
     out = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r).all()))
     if not bool(torch.isfinite(out).all()):
-        D.raise_nonfinite_inputs(_OP, inputs, "gives a non-finite output (overflow in the output dtype?)")
+        _raise_nonfinite(inputs)
     return out.to(value.dtype)
 
 
