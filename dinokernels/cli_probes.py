@@ -203,7 +203,15 @@ def probe_main(args) -> int:
     # 2. Features, once.
     started = time.time()
     say(f"features: {model.source or 'backbone'} (patch {patch}, width {width}) at {size}px on {device}")
-    extract = dict(image_size=size, label_size=label_size, batch_size=args.feature_batch_size, device=device)
+    def progress(done, total, state={"shown": 0}):  # about ten lines per split, none for small ones
+        if total >= 200 and done * 10 // total > state["shown"]:
+            state["shown"] = done * 10 // total
+            say(f"  {done}/{total} images")
+        if done == total:
+            state["shown"] = 0
+
+    extract = dict(image_size=size, label_size=label_size, batch_size=args.feature_batch_size, device=device,
+                   progress=progress)
     try:
         train = dense.extract_dense_split(model, train_folder, **extract) if train_folder else None
         val = dense.extract_dense_split(model, val_folder, **extract)

@@ -39,7 +39,7 @@ __all__ = ["IGNORE_INDEX", "DenseFeatures", "LinearDenseHead", "extract_dense_sp
            "train_depth_head", "predict_segmentation", "predict_depth", "segmentation_confusion",
            "segmentation_metrics", "depth_image_metrics", "depth_metrics", "silog_loss", "segmentation_palette",
            "colorize_segmentation", "colorize_depth", "save_head", "load_head",
-           "evaluate_dense_probe", "training_baseline", "HEAD_FORMAT"]
+           "evaluate_dense_probe", "training_baseline", "read_label", "HEAD_FORMAT"]
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -508,7 +508,10 @@ def evaluate_dense_probe(head: LinearDenseHead, task: str, val: DenseFeatures, o
         if task == "seg":
             pred = predict_segmentation(head, val, i, size)
             target = torch.from_numpy(label)
-            c = segmentation_confusion(pred, target, num_classes, ignore_index)
+            try:
+                c = segmentation_confusion(pred, target, num_classes, ignore_index)
+            except ValueError as e:  # a class the head does not have (the train-size check can miss tiny regions)
+                raise ValueError(f"mask {val.label_paths[i]!r}: {e}") from None
             confusion = c if confusion is None else confusion + c
             if baseline is not None:
                 b = segmentation_confusion(torch.full_like(pred, int(baseline)), target, num_classes, ignore_index)
