@@ -54,9 +54,10 @@ def test_segmentation_metrics_match_float64_formula_with_ignore_and_absent_class
 
 
 def test_segmentation_metrics_edge_cases_and_bad_inputs():
-    perfect = dense.segmentation_metrics(dense.segmentation_confusion(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 3))
+    metrics = dense.segmentation_metrics
+    perfect = metrics(dense.segmentation_confusion(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 3))
     assert perfect["miou"] == 1.0 and perfect["per_class_iou"] == [1.0, 1.0, None]
-    all_ignored = dense.segmentation_metrics(dense.segmentation_confusion(torch.tensor([0, 1]), torch.tensor([255, 255]), 2))
+    all_ignored = metrics(dense.segmentation_confusion(torch.tensor([0, 1]), torch.tensor([255, 255]), 2))
     assert math.isnan(all_ignored["miou"]) and all_ignored["present_classes"] == 0
     with pytest.raises(ValueError, match="label value 3 outside"):
         dense.segmentation_confusion(torch.tensor([0, 1]), torch.tensor([0, 3]), 3)
@@ -231,8 +232,8 @@ def test_segmentation_probe_learns_and_shuffled_labels_do_not(tiny_model, tmp_pa
     assert base < 0.3
     assert miou > 0.75 and miou > base + 0.45, (miou, base)
     # control: the same training with masks shuffled across images only learns a spatial prior
-    control = dense.DenseFeatures(train.patch, train.cls, train.labels[torch.randperm(96, generator=torch.Generator().manual_seed(0))],
-                                  train.stems, train.images, train.label_paths)
+    shuffled = train.labels[torch.randperm(96, generator=torch.Generator().manual_seed(0))]
+    control = dense.DenseFeatures(train.patch, train.cls, shuffled, train.stems, train.images, train.label_paths)
     assert _seg_miou(dense.train_segmentation_head(control, 4, epochs=30, lr=3e-3), val, 4) < 0.5
 
 
