@@ -235,8 +235,6 @@ OPEN_XFAIL = {
                                                      "float64 log-domain reference give different balanced rows"},
     "koleo_loss-x-1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
     "koleo_loss-x--1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
-    "nearest_neighbors-x-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
-    "nearest_neighbors-y-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
     **{f"matching_cost-{arg}-{m}": "boxes near 1e38 overflow the float32 L1/GIoU cost: inf/NaN cost, no error"
        for arg in ("pred_boxes", "tgt_boxes") for m in ("1e38", "-1e38", "all-1e38")},
 }
