@@ -70,7 +70,7 @@ WORKER = textwrap.dedent("""
         params = list(student.parameters())
         shards[name] = {"sharded": all(is_sharded(p) for p in params), "global": sum(p.numel() for p in params),
                         "local": sum(local_part(p).numel() for p in params)}
-        if name in ("dino_fsdp", "v2_fsdp"):  # the final model for the report: gathered, whole on rank 0 only
+        if name in ("dino_fsdp", "v2_fsdp", "distil_fsdp"):  # the final model for the report: gathered, whole on rank 0 only
             final = built[-1].eval_backbone()
             assert (final is None) == (os.environ["RANK"] != "0"), final
             if final is not None:
@@ -112,7 +112,14 @@ def _launch(folder, runs):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     out = {name: str(root / name) for name in ("dino_ddp", "dino_fsdp", "v2_ddp", "v2_fsdp", "v2_resumed",
-                                                "v2_bf16")}
+                                                "v2_bf16", "distil_ddp", "distil_fsdp")}
+    # distillation: a frozen, wider (vit_tiny, 192) teacher for the vit_nano (128) student
+    from dinokernels.train.methods import build_dinov2_backbone
+
+    torch.manual_seed(11)
+    teacher, _ = build_dinov2_backbone(make_config(**dict(DINOV2, arch="vit_tiny")), 0.0)
+    torch.save(teacher.state_dict(), root / "teacher.pth")
+    distil = dict(DINOV2, epochs=1, distill_teacher=str(root / "teacher.pth"), distill_teacher_arch="vit_tiny")
     plan = [
         ("dino_ddp", dict(DINO, out=out["dino_ddp"])),
         ("dino_fsdp", dict(DINO, out=out["dino_fsdp"], fsdp=True)),
@@ -121,6 +128,8 @@ def runs(tmp_path_factory):
         ("v2_resumed", dict(DINOV2, out=out["v2_resumed"], fsdp=True,
                             resume=os.path.join(out["v2_fsdp"], "checkpoint0000.pth"))),
         ("v2_bf16", dict(DINOV2, out=out["v2_bf16"], fsdp=True, fsdp_mixed_precision="bf16", epochs=1)),
+        ("distil_ddp", dict(distil, out=out["distil_ddp"])),
+        ("distil_fsdp", dict(distil, out=out["distil_fsdp"], fsdp=True)),
     ]
     for _, settings in plan:  # JSON: tuples become lists
         settings["mask_ratio"] = list(settings.get("mask_ratio", (0.1, 0.5)))
@@ -174,6 +183,13 @@ def test_fsdp_final_model_is_gathered_whole_on_rank0(runs):
     assert v2.keys() == expected.keys()
     for k, v in v2.items():
         assert torch.equal(v, expected[k]), k
+    distilled = torch.load(runs["root"] / "eval_distil_fsdp.pth", weights_only=True)  # the student EMA
+    state = load_checkpoint(os.path.join(runs["out"]["distil_fsdp"], "checkpoint.pth"))["method"]
+    expected = {k.replace("student_ema.dino_head.", "head.").replace("student_ema.", ""): v for k, v in state.items()
+                if k.startswith(("student_ema.backbone.", "student_ema.dino_head."))}
+    assert distilled.keys() == expected.keys()
+    for k, v in distilled.items():
+        assert torch.equal(v, expected[k]), k
 
 
 def test_dino_fsdp_equals_ddp(runs):
@@ -202,6 +218,20 @@ def test_dinov2_fsdp_equals_ddp(runs):
     moved = [k for k in fsdp["method"] if k.startswith("student.backbone.blocks")
              and not torch.equal(fsdp["method"][k], start["method"][k])]
     assert moved
+
+
+def test_distillation_under_fsdp_equals_ddp_and_keeps_the_teacher(runs):
+    ddp, fsdp = (load_checkpoint(os.path.join(runs["out"][n], "checkpoint.pth"))["method"]
+                 for n in ("distil_ddp", "distil_fsdp"))
+    torch.testing.assert_close(_losses(runs["out"]["distil_fsdp"]), _losses(runs["out"]["distil_ddp"]), rtol=1e-5,
+                               atol=0)
+    _close_states(fsdp, ddp, "method")
+    teacher = torch.load(runs["root"] / "teacher.pth", weights_only=True)
+    for k, v in teacher.items():  # the frozen teacher, sharded for the steps, comes back unchanged
+        assert torch.equal(fsdp["teacher.backbone." + k], v), k
+    # the student EMA follows the student at 1 − momentum of its steps: kept, and not the student itself
+    assert any(not torch.equal(fsdp[k], fsdp[k.replace("student_ema.", "student.", 1)])
+               for k in fsdp if k.startswith("student_ema.backbone.blocks"))
 
 
 def test_fsdp_resume_under_fsdp_continues_the_run(runs):
