@@ -70,7 +70,7 @@ WORKER = textwrap.dedent("""
         params = list(student.parameters())
         shards[name] = {"sharded": all(is_sharded(p) for p in params), "global": sum(p.numel() for p in params),
                         "local": sum(local_part(p).numel() for p in params)}
-        if name in ("dino_fsdp", "v2_fsdp", "distil_fsdp"):  # the final model for the report: gathered, whole on rank 0 only
+        if name in ("dino_fsdp", "v2_fsdp", "distil_fsdp"):  # the final model: gathered, whole on rank 0 only
             final = built[-1].eval_backbone()
             assert (final is None) == (os.environ["RANK"] != "0"), final
             if final is not None:
@@ -248,7 +248,7 @@ def test_fsdp_resume_under_fsdp_continues_the_run(runs):
 
 def test_fsdp_checkpoint_loads_and_resumes_in_one_process_without_fsdp(runs, tmp_path):
     from dinokernels.models import dinov2
-    from dinokernels.train.methods import DINOv2TrainingMethod, dinov2_checkpoint_backbone
+    from dinokernels.train.methods import DINOv2TrainingMethod, build_dinov2_backbone, dinov2_checkpoint_backbone
 
     path = os.path.join(runs["out"]["v2_fsdp"], "checkpoint0000.pth")
     ckpt = load_checkpoint(path)
@@ -258,7 +258,7 @@ def test_fsdp_checkpoint_loads_and_resumes_in_one_process_without_fsdp(runs, tmp
     method.optimizer.load_state_dict(ckpt["optimizer"])
     for key, value in method.method.state_dict().items():
         assert torch.equal(value, ckpt["method"][key]), key
-    backbone, _ = methods_backbone(config)
+    backbone, _ = build_dinov2_backbone(config, 0.0)
     dinov2.load_official_weights(backbone, dinov2_checkpoint_backbone(ckpt, "teacher"))
     # a single process with the global batch continues the two-process FSDP run (its own masks: not bit-equal)
     result = train_dino(config.replace(resume=path, batch_size_per_gpu=8))
@@ -267,12 +267,6 @@ def test_fsdp_checkpoint_loads_and_resumes_in_one_process_without_fsdp(runs, tmp
     assert final["config"]["fsdp"] is False
     assert any(not torch.equal(final["method"][k], ckpt["method"][k]) for k in ckpt["method"]
                if k.startswith("student.backbone.blocks"))
-
-
-def methods_backbone(config):
-    from dinokernels.train.methods import build_dinov2_backbone
-
-    return build_dinov2_backbone(config, 0.0)
 
 
 def test_fsdp_bf16_compute_trains_near_float32(runs):
@@ -288,6 +282,7 @@ def test_fsdp_bf16_compute_trains_near_float32(runs):
 def test_fsdp_in_one_process_equals_plain_training(tmp_path):
     """Without torchrun, --fsdp runs on a process group of one (and ends it): the same run as without FSDP."""
     plain = train_dino(make_config(**dict(DINOV2, epochs=1, subset=8, out=str(tmp_path / "plain"))))
+    assert plain["fsdp"] is False
     sharded = train_dino(make_config(**dict(DINOV2, epochs=1, subset=8, out=str(tmp_path / "fsdp"), fsdp=True)))
     assert not torch.distributed.is_initialized()
     assert sharded["fsdp"] is True and sharded["world_size"] == 1
@@ -318,7 +313,8 @@ def test_cli_fsdp_fp16_in_one_process_then_resume_without_fsdp(tmp_path, capsys)
     """--fsdp --fsdp-mixed-precision fp16 on the CPU (float16 compute with loss scaling), then --resume --no-fsdp:
     the stored FSDP settings are dropped and the plain run continues from the full checkpoint."""
     out = str(tmp_path / "run")
-    common = ["--method", "dinov2", "--subset", "8", "--batch-size", "4", "--global-size", "8", "--local-size", "4", "--patch-size", "4", "--local-crops-number", "2", "--out-dim", "32",
+    common = ["--method", "dinov2", "--subset", "8", "--batch-size", "4", "--global-size", "8", "--local-size", "4",
+              "--patch-size", "4", "--local-crops-number", "2", "--out-dim", "32",
               "--hidden-dim", "16", "--bottleneck-dim", "8", "--arch", "vit_nano", "--device", "cpu", "--no-eval",
               "--no-progress", "--num-workers", "0"]
     assert cli_main(["pretrain", "--out", out, "--epochs", "1", "--fsdp", "--fsdp-mixed-precision", "fp16"]
