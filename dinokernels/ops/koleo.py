@@ -132,6 +132,22 @@ def _koleo_backward_rule(ctx, grad_loss, _grad_index, _grad_norms, _grad_dists):
 koleo_forward.register_autograd(_koleo_backward_rule, setup_context=_koleo_setup_context)
 
 
+HUGE_ROW = 2.0 ** 50  # beyond, squares of entries (and the row norm) approach float32's range
+
+
+def _tame_huge_rows(x: Tensor) -> Tensor:
+    """x with every row whose largest |entry| exceeds 2^50 divided by a power of two that brings it into [0.5, 1):
+    exact, and KoLeo depends on the rows only through x / ‖x‖ (those rows are far above eps), so the loss and
+    its gradient are unchanged, while the row norms no longer overflow float32. Other rows are multiplied by 1.
+    No data-dependent branch (no host sync on CUDA; torch.compile traces it)."""
+    largest = x.detach().abs().amax(dim=1, keepdim=True)
+    exponent = torch.where(largest > HUGE_ROW, torch.frexp(largest)[1], torch.zeros_like(largest, dtype=torch.int32))
+    one = torch.ones_like(largest)
+    # two factors of at most 2^-64 each: both normal numbers, so the products are exact
+    half = exponent // 2
+    return x * torch.ldexp(one, -half) * torch.ldexp(one, half - exponent)
+
+
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """DINOv2's KoLeo regulariser (SPEC §3.5).
 
@@ -142,6 +158,7 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     DINOKERNELS_CHECK_FINITE) and on B < 2. Duplicate rows give a finite loss and finite gradients.
     """
     _check_koleo("koleo_loss", x, eps)
+    x = _tame_huge_rows(x)
     if D.use_reference("koleo_forward", x.device):
         if D.checks_values(x.device):  # what the kernels check in their pass, with the same error
             D.check_finite_inputs("koleo_loss", {"x": x})
