@@ -279,10 +279,12 @@ TABLE_KEYS = {"koleo": ["B", "D", "dtype", "mode"],
               "grounding_dino": ["config", "H", "W", "batch", "dtype"],
               "grounding_dino_batch": ["config", "H", "W", "batch", "dtype"],
               "dinov2_train": ["model", "part", "B", "K", "dtype"],
-              "dinov2_inference": ["model", "res", "batch", "dtype"]}
+              "dinov2_inference": ["model", "res", "batch", "dtype"],
+              "curation": ["N", "D", "stage", "index", "nprobe", "recall", "recall_above_threshold", "found_planted",
+                           "false_removed", "retrieved"]}
 # The implementation the ratios compare against, where it is not "reference".
 TABLE_REFERENCE = {"grounding_dino": "transformers", "grounding_dino_batch": "kernel",
-                   "dinov2_inference": "transformers"}
+                   "dinov2_inference": "transformers", "curation": "dinokernels.curation"}
 
 
 # ---------------------------------------------------------------- command line shared by the bench_<op> scripts

@@ -4,7 +4,8 @@ Similarity is the inner product, i.e. cosine for unit rows (`normalize_rows`). I
 
 * at most `exact_max` database rows (default 20,000): exact search (`faiss.IndexFlatIP`);
 * more: an inverted-file index (`IndexIVFFlat`, or `IndexIVFPQ` with `pq_bytes`) with `nlist` ≈ 4·√N lists,
-  trained on a sample, searched with `nprobe` lists; the recall of its neighbours against exact search is
+  trained on a sample, searched with `nprobe` lists (PQ results re-ranked with exact similarities, so that a
+  threshold applies to true cosines); the recall of its neighbours against exact search is
   measured on a sample of queries and returned with the result (`SearchResult.info["recall"]`).
 
 faiss GPU indexes are used when faiss reports GPUs (`faiss.get_num_gpus() > 0`, a faiss-gpu build).
@@ -27,6 +28,7 @@ __all__ = ["BACKEND_ENV", "EXACT_MAX", "SearchResult", "available_backend", "nor
 
 BACKEND_ENV = "DINOKERNELS_CURATION_BACKEND"  # "faiss", "torch" or "auto" (default)
 EXACT_MAX = 20_000  # database rows up to which search is exact (a flat index)
+DEFAULT_NPROBE = 16  # IVF lists probed unless told; the measured recall says when to raise it
 KMEANS_PP_MAX = 4096  # k-means++ seeding up to this many clusters
 _CHUNK_BYTES = 128 << 20  # similarity block of the torch fallback
 
@@ -161,7 +163,7 @@ def _build_faiss_index(database: np.ndarray, nlist: int, pq_bytes: Optional[int]
         info["index"] = f"IVF{nlist},Flat"
     index.cp.seed = seed
     index.cp.niter = 10
-    train_rows = min(database.shape[0], 64 * nlist)  # faiss samples at most 256 per list anyway
+    train_rows = min(database.shape[0], 40 * nlist)  # faiss wants ≥ 39 per list
     rng = np.random.default_rng(seed)
     sample = database[np.sort(rng.choice(database.shape[0], train_rows, replace=False))]
     index.train(sample)
@@ -178,7 +180,7 @@ def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend
     queries (Q, D), database (M, D) float (unit rows for cosine). exclude_self: the queries are the database
     (Q == M, same order) and each row's own index is left out of its neighbours. Exact up to `exact_max`
     database rows; above, IVF (PQ with `pq_bytes` bytes per vector) with `nlist` lists (default
-    `default_nlist`) and `nprobe` probed lists (default max(16, nlist // 64)), and the recall of the returned
+    `default_nlist`) and `nprobe` probed lists (default 16), and the recall of the returned
     neighbours against exact search measured on `recall_sample` queries (info["recall"]: k-recall@k, and with
     `threshold` also the fraction of exact neighbours above it that were found, info["recall_above_threshold"]).
     """
@@ -201,7 +203,7 @@ def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend
             faiss.omp_set_num_threads(int(threads))
         if approximate:
             nlist = int(nlist or default_nlist(db.shape[0]))
-            nprobe = int(min(nlist, nprobe or max(16, nlist // 64)))
+            nprobe = int(min(nlist, nprobe or DEFAULT_NPROBE))
             index = _build_faiss_index(db, nlist, pq_bytes, seed, info)
             index.nprobe = nprobe
             info.update(nlist=nlist, nprobe=nprobe)
@@ -220,6 +222,8 @@ def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend
     else:
         info["index"] = "exact (torch)"
         sims, idxs = _torch_knn(q, db, want)
+    if approximate and pq_bytes:
+        sims, idxs = _rerank_exact(q, db, idxs)  # PQ similarities are approximate: thresholds need exact ones
     sims[idxs < 0] = -np.inf
     if exclude_self:
         sims, idxs = _drop_self(sims, idxs, k)
@@ -232,6 +236,18 @@ def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend
         info.update(measure_recall(idxs[pick], ex_idx, ex_sims, threshold))
         info["recall_queries"] = int(pick.size)
     return SearchResult(sims, idxs, info)
+
+
+def _rerank_exact(q: np.ndarray, db: np.ndarray, idxs: np.ndarray, chunk: int = 8192):
+    """Exact inner products of the found pairs, each row re-sorted best first (−1 entries last)."""
+    sims = np.full(idxs.shape, -np.inf, np.float32)
+    for s in range(0, idxs.shape[0], chunk):
+        block = idxs[s:s + chunk]
+        valid = block >= 0
+        vals = np.einsum("qd,qkd->qk", q[s:s + chunk], db[np.where(valid, block, 0)])
+        sims[s:s + chunk] = np.where(valid, vals, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(idxs, order, 1)
 
 
 def _drop_self(sims: np.ndarray, idxs: np.ndarray, k: int, rows: Optional[np.ndarray] = None):

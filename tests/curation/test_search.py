@@ -90,6 +90,10 @@ def test_ivf_pq_index():
     x = _clustered(rng, 3000)
     result = knn_search(x, x, 5, exclude_self=True, exact_max=1000, pq_bytes=8, backend="faiss")
     assert "PQ8" in result.info["index"] and 0.0 < result.info["recall"] <= 1.0
+    # similarities are re-ranked exactly: the true cosines of the returned pairs, best first
+    exact = np.einsum("qd,qkd->qk", x, x[result.indices])
+    np.testing.assert_allclose(result.similarities, exact, atol=1e-5)
+    assert (np.diff(result.similarities, axis=1) <= 0).all()
     with pytest.raises(ValueError, match="pq_bytes"):
         knn_search(x, x, 5, exact_max=1000, pq_bytes=7, backend="faiss")
 
