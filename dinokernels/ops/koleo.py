@@ -138,10 +138,16 @@ HUGE_ROW = 2.0 ** 50  # beyond, squares of entries (and the row norm) approach f
 def _tame_huge_rows(x: Tensor) -> Tensor:
     """x with every row whose largest |entry| exceeds 2^50 divided by a power of two that brings it into [0.5, 1):
     exact, and KoLeo depends on the rows only through x / ‖x‖ (those rows are far above eps), so the loss and
-    its gradient are unchanged, while the row norms no longer overflow float32. Other rows are multiplied by 1.
-    No data-dependent branch (no host sync on CUDA; torch.compile traces it)."""
+    its gradient are unchanged, while the row norms no longer overflow float32. On the CPU, x itself when no row
+    is that large (one read of x, ~1.5% of the loss); on CUDA and under torch.compile the scaling is applied
+    without a data-dependent branch (no host sync; traceable)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(x.detach())
+        if -HUGE_ROW <= float(low) and float(high) <= HUGE_ROW:  # (NaN goes on unscaled; the checks report it)
+            return x
     largest = x.detach().abs().amax(dim=1, keepdim=True)
-    exponent = torch.where(largest > HUGE_ROW, torch.frexp(largest)[1], torch.zeros_like(largest, dtype=torch.int32))
+    huge = largest > HUGE_ROW
+    exponent = torch.where(huge, torch.frexp(largest)[1], torch.zeros_like(largest, dtype=torch.int32))
     one = torch.ones_like(largest)
     # two factors of at most 2^-64 each: both normal numbers, so the products are exact
     half = exponent // 2
