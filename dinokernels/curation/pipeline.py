@@ -198,6 +198,8 @@ def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None,
     pool = _embed(config, model, config.pool, "pool", log, on_batch)
     curated = _embed(config, model, config.curated, "curated", log, on_batch) if config.curated else None
     evals = _embed(config, model, config.eval, "eval", log, on_batch) if config.eval else None
+    if curated is not None and not curated.paths:
+        raise ValueError(f"curated {config.curated!r}: none of its {len(curated.files)} image files could be read")
     timings["embed_s"] = time.perf_counter() - t0
     n = len(pool.paths)
     if n == 0:

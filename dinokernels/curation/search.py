@@ -2,7 +2,8 @@
 
 Similarity is the inner product, i.e. cosine for unit rows (`normalize_rows`). Index choice:
 
-* at most `exact_max` database rows (default 20,000): exact search (`faiss.IndexFlatIP`);
+* at most `exact_max` database rows (default 20,000), or at most 2·10^9 query × database pairs (a few queries
+  against a large database): exact search (`faiss.IndexFlatIP`);
 * more: an inverted-file index (`IndexIVFFlat`, or `IndexIVFPQ` with `pq_bytes`) with `nlist` ≈ 4·√N lists,
   trained on a sample, searched with `nprobe` lists (PQ results re-ranked with exact similarities, so that a
   threshold applies to true cosines); the recall of its neighbours against exact search is
@@ -28,6 +29,7 @@ __all__ = ["BACKEND_ENV", "EXACT_MAX", "SearchResult", "available_backend", "nor
 
 BACKEND_ENV = "DINOKERNELS_CURATION_BACKEND"  # "faiss", "torch" or "auto" (default)
 EXACT_MAX = 20_000  # database rows up to which search is exact (a flat index)
+EXACT_PAIRS_MAX = 2_000_000_000  # and query × database pairs up to which it is exact too
 DEFAULT_NPROBE = 16  # IVF lists probed unless told; the measured recall says when to raise it
 KMEANS_PP_MAX = 4096  # k-means++ seeding up to this many clusters
 _CHUNK_BYTES = 128 << 20  # similarity block of the torch fallback
@@ -172,17 +174,18 @@ def _build_faiss_index(database: np.ndarray, nlist: int, pq_bytes: Optional[int]
 
 
 def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend: str = "auto",
-               exact_max: int = EXACT_MAX, nlist: Optional[int] = None, nprobe: Optional[int] = None,
+               exact_max: int = EXACT_MAX, exact_pairs_max: int = EXACT_PAIRS_MAX, nlist: Optional[int] = None, nprobe: Optional[int] = None,
                pq_bytes: Optional[int] = None, recall_sample: int = 1000, threshold: Optional[float] = None,
                seed: int = 0, threads: Optional[int] = None) -> SearchResult:
     """Top-k database rows by inner product for every query.
 
     queries (Q, D), database (M, D) float (unit rows for cosine). exclude_self: the queries are the database
     (Q == M, same order) and each row's own index is left out of its neighbours. Exact up to `exact_max`
-    database rows; above, IVF (PQ with `pq_bytes` bytes per vector) with `nlist` lists (default
-    `default_nlist`) and `nprobe` probed lists (default 16), and the recall of the returned
-    neighbours against exact search measured on `recall_sample` queries (info["recall"]: k-recall@k, and with
-    `threshold` also the fraction of exact neighbours above it that were found, info["recall_above_threshold"]).
+    database rows or `exact_pairs_max` query × database pairs; above, IVF (PQ with `pq_bytes` bytes per vector)
+    with `nlist` lists (default `default_nlist`) and `nprobe` probed lists (default 16), and the recall of the
+    returned neighbours against exact search measured on `recall_sample` queries (info["recall"]: k-recall@k, and
+    with `threshold` also the fraction of exact neighbours above it that were found,
+    info["recall_above_threshold"]).
     """
     q, db = _as_matrix(queries, "queries"), _as_matrix(database, "database")
     if q.shape[1] != db.shape[1]:
@@ -196,7 +199,9 @@ def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend
                             "recall": None}
     if q.shape[0] == 0:
         return SearchResult(np.empty((0, k), np.float32), np.empty((0, k), np.int64), info)
-    approximate = which == "faiss" and db.shape[0] > exact_max
+    # Few queries against a large database (calibration, a small curated set): exact search costs less than
+    # training and filling an index.
+    approximate = which == "faiss" and db.shape[0] > exact_max and q.shape[0] * db.shape[0] > exact_pairs_max
     if which == "faiss":
         faiss = _faiss()
         if threads:

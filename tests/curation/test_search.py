@@ -66,10 +66,20 @@ def test_faiss_and_fallback_agree():
 
 
 @needs_faiss
+def test_few_queries_against_a_large_database_are_exact():
+    rng = np.random.default_rng(10)
+    x = _rows(rng, 3000, 16)
+    assert knn_search(x[:5], x, 3, exact_max=1000, backend="faiss").info["index"] == "FlatIP"
+    assert knn_search(x[:5], x, 3, exact_max=1000, exact_pairs_max=100, backend="faiss").info["index"].startswith(
+        "IVF")
+
+
+@needs_faiss
 def test_ivf_index_used_above_exact_max_with_recall_reported():
     rng = np.random.default_rng(5)
     x = _clustered(rng, 4000)
-    result = knn_search(x, x, 10, exclude_self=True, exact_max=1000, nprobe=8, threshold=0.8, backend="faiss")
+    result = knn_search(x, x, 10, exclude_self=True, exact_max=1000, exact_pairs_max=0, nprobe=8, threshold=0.8,
+                        backend="faiss")
     info = result.info
     assert info["index"].startswith("IVF") and info["nprobe"] == 8 and info["nlist"] >= 16
     ref_sims, ref_idx = _oracle(x, x, 10, exclude_self=True)
@@ -80,7 +90,8 @@ def test_ivf_index_used_above_exact_max_with_recall_reported():
     assert info["recall_queries"] == 1000
     assert info["recall_above_threshold"] is not None and info["pairs_above_threshold"] > 0
     # more probed lists: recall can only go up, and probing every list is exact
-    full = knn_search(x, x, 10, exclude_self=True, exact_max=1000, nprobe=10**6, backend="faiss")
+    full = knn_search(x, x, 10, exclude_self=True, exact_max=1000, exact_pairs_max=0, nprobe=10**6,
+                      backend="faiss")
     assert full.info["nprobe"] == full.info["nlist"] and full.info["recall"] == pytest.approx(1.0)
 
 
@@ -88,14 +99,15 @@ def test_ivf_index_used_above_exact_max_with_recall_reported():
 def test_ivf_pq_index():
     rng = np.random.default_rng(6)
     x = _clustered(rng, 3000)
-    result = knn_search(x, x, 5, exclude_self=True, exact_max=1000, pq_bytes=8, backend="faiss")
+    result = knn_search(x, x, 5, exclude_self=True, exact_max=1000, exact_pairs_max=0, pq_bytes=8,
+                        backend="faiss")
     assert "PQ8" in result.info["index"] and 0.0 < result.info["recall"] <= 1.0
     # similarities are re-ranked exactly: the true cosines of the returned pairs, best first
     exact = np.einsum("qd,qkd->qk", x, x[result.indices])
     np.testing.assert_allclose(result.similarities, exact, atol=1e-5)
     assert (np.diff(result.similarities, axis=1) <= 0).all()
     with pytest.raises(ValueError, match="pq_bytes"):
-        knn_search(x, x, 5, exact_max=1000, pq_bytes=7, backend="faiss")
+        knn_search(x, x, 5, exact_max=1000, exact_pairs_max=0, pq_bytes=7, backend="faiss")
 
 
 def test_backend_selection(monkeypatch):
@@ -112,7 +124,8 @@ def test_backend_selection(monkeypatch):
     assert available_backend() == "torch"
     with pytest.raises(ImportError, match="faiss-cpu"):
         available_backend("faiss")
-    assert knn_search(x, x, 2, exact_max=10).info["index"] == "exact (torch)"  # no IVF without faiss
+    assert knn_search(x, x, 2, exact_max=10, exact_pairs_max=0).info["index"] == "exact (torch)"  # no IVF
+
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
