@@ -104,6 +104,24 @@ def _check_finite(op, pred_logits, pred_boxes, tgt_boxes, counts):
     D.check_finite_inputs(op, {"pred_boxes": pred_boxes, "tgt_boxes": tgt_boxes[_valid_targets(tgt_boxes, counts)]})
 
 
+def _largest_box(pred_boxes, tgt_boxes, valid) -> float:
+    sizes = [float(t.detach().abs().max()) for t in (pred_boxes, tgt_boxes[valid]) if t.numel()]
+    return max(sizes, default=0.0)
+
+
+def _check_cost(op, cost, valid, pred_boxes, tgt_boxes, weights: dict):
+    """Every backend, on finite input: a non-finite cost of a valid pair is an overflow of the result's dtype (its
+    exact value is not representable, and +inf would read as a forbidden pair), blamed on the largest of the box
+    coordinates and the cost weights."""
+    if cost.numel() and not bool(torch.isfinite(cost[valid[:, None, :].expand_as(cost)]).all()):
+        size = {"pred_boxes": float(pred_boxes.detach().abs().max()),
+                "tgt_boxes": float(tgt_boxes[valid].detach().abs().max()) if bool(valid.any()) else 0.0,
+                **{name: abs(float(w)) for name, w in weights.items()}}
+        blame = max(size, key=size.get)
+        raise D.arg_error(op, blame, f"gives a non-finite cost (overflow of {str(cost.dtype)[6:]}: entries up to "
+                                     f"{size[blame]:.3g})")
+
+
 def _valid_targets(tgt_boxes, counts):
     """(B, G) bool: g < tgt_counts[b]."""
     return torch.arange(tgt_boxes.shape[1], device=tgt_boxes.device) < counts.to(tgt_boxes.device)[:, None]
@@ -135,24 +153,36 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, po
     counts = _check(op, pred_logits, pred_boxes, tgt_boxes, positive_map, tgt_counts, weights, alpha, gamma)
     if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or math.isnan(pad_value):
         raise D.arg_error(op, "pad_value", f"must be a number (inf allowed), got {pad_value!r}")
-    if D.checks_values(pred_logits.device):
+    checked = D.checks_values(pred_logits.device)
+    if checked:
         _check_finite(op, pred_logits, pred_boxes, tgt_boxes, counts)
+    valid = _valid_targets(tgt_boxes, counts)
     if D.use_reference(op, pred_logits.device):
         # Padding past tgt_counts is never read by the kernels: zero boxes there, so that garbage cannot raise.
-        tgt_boxes = torch.where(_valid_targets(tgt_boxes, counts)[..., None], tgt_boxes, torch.zeros_like(tgt_boxes))
-        return matching_cost_ref(pred_logits, pred_boxes, tgt_boxes, positive_map, counts, cost_class, cost_bbox,
-                                 cost_giou, alpha, gamma, pad_value)
-    device = pred_logits.device
-    z = pred_logits.detach()
-    if device.type == "cpu":
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        z = z.to(dtype)
-        other = dtype
+        tgt_boxes = torch.where(valid[..., None], tgt_boxes, torch.zeros_like(tgt_boxes))
+        dtype = torch.promote_types(pred_logits.dtype, pred_boxes.dtype)
+        args = (pred_logits, pred_boxes, tgt_boxes)
+        if checked and dtype != torch.float64 and _largest_box(pred_boxes, tgt_boxes, valid) > 2.0 ** 60:
+            # the reference's float32 box conversion would overflow first: exact in float64, then rounded
+            args = tuple(t.double() for t in args)
+        cost = matching_cost_ref(*args, positive_map, counts, cost_class, cost_bbox, cost_giou, alpha, gamma,
+                                 pad_value).to(dtype)
     else:
-        if z.dtype == torch.float64:
-            z = z.float()
-        other = torch.float32
-    return matching_cost_op(z.contiguous(), pred_boxes.detach().to(other).contiguous(),
-                            tgt_boxes.detach().to(other).contiguous(), counts.to(device).contiguous(),
-                            positive_map.detach().to(other).contiguous(), float(cost_class), float(cost_bbox),
-                            float(cost_giou), float(alpha), float(gamma), float(pad_value))
+        device = pred_logits.device
+        z = pred_logits.detach()
+        if device.type == "cpu":
+            dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+            z = z.to(dtype)
+            other = dtype
+        else:
+            if z.dtype == torch.float64:
+                z = z.float()
+            other = torch.float32
+        cost = matching_cost_op(z.contiguous(), pred_boxes.detach().to(other).contiguous(),
+                                tgt_boxes.detach().to(other).contiguous(), counts.to(device).contiguous(),
+                                positive_map.detach().to(other).contiguous(), float(cost_class), float(cost_bbox),
+                                float(cost_giou), float(alpha), float(gamma), float(pad_value))
+    if checked:
+        _check_cost(op, cost, valid, pred_boxes, tgt_boxes, {k: weights[k] for k in ("cost_bbox", "cost_giou",
+                                                                                     "cost_class")})
+    return cost

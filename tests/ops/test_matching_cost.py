@@ -192,6 +192,11 @@ def test_bad_inputs(backend):
         args[name][index] = value
         with pytest.raises(ValueError, match=f"'{name}' contains 1 "):
             matching_cost(positive_map=pmap, tgt_counts=counts, **args)
+    for name in ("pred_boxes", "tgt_boxes"):  # 5·L1 > float32's 3.4e38: the cost is not representable
+        args = dict(pred_logits=logits, pred_boxes=pred, tgt_boxes=tgt)
+        args[name] = torch.full_like(args[name], 3e38)
+        with pytest.raises(ValueError, match=f"'{name}' gives a non-finite cost"):
+            matching_cost(positive_map=pmap, tgt_counts=counts, **args)
     padded = tgt.clone()
     padded[1, 2] = math.nan  # past tgt_counts[1] = 2: padding, never read
     out = matching_cost(logits, pred, padded, pmap, [3, 2])
