@@ -10,7 +10,8 @@ string or a bool. The outcome must be one of
 * a clear error: ValueError or TypeError whose message names the broken argument.
 
 Anything else — another exception type, a message that does not name the argument, a NaN/inf or different result —
-fails the probe. Inputs with no right answer (NaN anywhere, +inf where the op does not define it) need the error.
+fails the probe. Every probe runs on each backend (kernel, reference, and the fallback with the compiled module
+hidden), and test_same_error_on_every_backend asserts that the non-extreme ones end the same way on all of them. Inputs with no right answer (NaN anywhere, +inf where the op does not define it) need the error.
 `test_probe_counts` prints how many probes ran and how each ended (the numbers in docs/reliability.md). Probes that
 fail today are listed in OPEN_XFAIL with what is wrong and marked xfail(strict=True), so a fix turns them into
 failures (to be un-marked).

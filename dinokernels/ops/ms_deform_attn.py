@@ -288,7 +288,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     CPU: float32/float64 (16-bit input is computed in float32 and cast back); CUDA: value float32/float16/bfloat16,
     locations and weights float32 or value's dtype (others are cast to float32), float32 arithmetic throughout.
     The output has value's dtype. Raises ValueError/TypeError naming the argument for bad shapes, dtypes, devices
-    or level tables, and (DINOKERNELS_CHECK_FINITE) for non-finite inputs.
+    or level tables, and (DINOKERNELS_CHECK_FINITE) for non-finite inputs, with the same errors on every backend.
     """
     _check_public(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if D.use_reference("ms_deform_attn_forward", value.device):
