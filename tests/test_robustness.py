@@ -11,7 +11,8 @@ string or a bool. The outcome must be one of
 
 Anything else — another exception type, a message that does not name the argument, a NaN/inf or different result —
 fails the probe. Every probe runs on each backend (kernel, reference, and the fallback with the compiled module
-hidden), and test_same_error_on_every_backend asserts that the non-extreme ones end the same way on all of them. Inputs with no right answer (NaN anywhere, +inf where the op does not define it) need the error.
+hidden), and test_same_error_on_every_backend asserts that the non-extreme ones end the same way on all of them.
+Inputs with no right answer (NaN anywhere, +inf where the op does not define it) need the error.
 `test_probe_counts` prints how many probes ran and how each ended (the numbers in docs/reliability.md). Probes that
 fail today are listed in OPEN_XFAIL with what is wrong and marked xfail(strict=True), so a fix turns them into
 failures (to be un-marked).
@@ -321,7 +322,7 @@ def _tensor_probe_inputs(op, arg, mutation):
 
 
 @pytest.mark.parametrize("backend,op,arg,mutation", _tensor_probes(), indirect=["backend"])
-def test_tensor_probe(backend, op, arg, mutation):
+def test_tensor_probe(backend, op, arg, mutation):  # noqa: F811 (the fixture)
     spec = SPECS[op]
     kwargs = _tensor_probe_inputs(op, arg, mutation)
     must_error = mutation in NONFINITE and (arg, mutation) not in spec.defined_nonfinite
@@ -334,7 +335,7 @@ def test_tensor_probe(backend, op, arg, mutation):
 
 
 @pytest.mark.parametrize("op,arg,value", _scalar_probes())
-def test_scalar_probe(backend, op, arg, value):
+def test_scalar_probe(backend, op, arg, value):  # noqa: F811 (the fixture)
     spec = SPECS[op]
     kwargs = spec.make()
     kwargs[arg] = value
@@ -389,7 +390,7 @@ _INDEX_OPS = {"ms_deform_attn": "ms_deform_attn", "linear_sum_assignment": "line
 
 
 @pytest.mark.parametrize("pid", list(INDEX_PROBES))
-def test_index_probe(backend, pid):
+def test_index_probe(backend, pid):  # noqa: F811 (the fixture)
     op = pid.split("-")[0]
     arg, make = INDEX_PROBES[pid]
     spec = SPECS[op]

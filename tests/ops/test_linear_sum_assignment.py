@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from dinokernels.ops import linear_sum_assignment, linear_sum_assignment_padded
 from dinokernels.ops.linear_sum_assignment import linear_sum_assignment_op
-from dk_test_helpers import backend  # noqa: F401 (fixture: the test runs on every backend)
+from dk_test_helpers import backend  # noqa: F401 (a fixture, used by name)
 
 
 def random_batch(B, N, M, kind, gen):
@@ -127,7 +127,8 @@ def test_inf_entries_forbid_pairs():
             linear_sum_assignment(cost[b])
 
 
-def test_infeasible_nan_and_neg_inf_raise(backend):
+@pytest.mark.usefixtures("backend")
+def test_infeasible_nan_and_neg_inf_raise():
     cost = torch.rand(3, 4, 4)
     bad = cost.clone()
     bad[1, :, 2] = math.inf  # column 2 cannot be assigned
@@ -149,7 +150,8 @@ def test_infeasible_nan_and_neg_inf_raise(backend):
     assert len(linear_sum_assignment(outside, num_rows=3)) == 3
 
 
-def test_bad_inputs(backend):
+@pytest.mark.usefixtures("backend")
+def test_bad_inputs():
     with pytest.raises(TypeError, match="'cost'"):
         linear_sum_assignment([[1.0]])
     with pytest.raises(ValueError, match="'cost'"):

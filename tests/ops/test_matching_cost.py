@@ -154,7 +154,8 @@ def test_torch_compile_fullgraph():
                                rtol=0, atol=0)
 
 
-def test_bad_inputs(backend):
+@pytest.mark.usefixtures("backend")
+def test_bad_inputs():
     logits, pred, tgt, pmap, counts = make_inputs(2, 6, 5, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="'pred_logits'"):
         matching_cost(logits[0], pred, tgt, pmap, counts)
