@@ -4,13 +4,14 @@
 Data (float32, unit rows): N·(1 − dup) distinct rows around N/100 cluster centres (cosine between members of a
 cluster ≈ 0.5, so clusters are realistic for k-means and IVF, yet no two distinct rows are near copies), then
 N·dup planted near copies of random distinct rows (cosine ≈ 0.98 to their original), appended after them (so the
-original is the row kept). Curated set: N/100 rows near random distinct rows.
+original is the row kept). Curated set: N/1000 rows (at least 10) near random distinct rows (cosine ≈ 0.9).
 
 Stages, each timed once in a child process (so one stage's memory is not another's):
   dedup       duplicate_components at threshold 0.9, k = 16: index (exact up to 20,000 rows, else IVF-Flat with
               4·√N lists, nprobe 16), k-NN self-search, recall measured on 1,000 queries against exact search,
               connected components; planted copies found and distinct rows wrongly removed are counted.
-  nearest     retrieve_nearest, 4 per curated row, on the deduplicated pool (its own index over the pool).
+  nearest     retrieve_nearest, 4 per curated row, on the deduplicated pool (exact: N/1000 queries make at most
+              10^9 query × pool pairs, under the 2·10^9 above which an index is trained).
   clusters    retrieve_by_clusters: spherical k-means with N/1000 clusters (trained on ≤ 256 rows per cluster,
               k-means++ seeding), every pool row assigned, the 4 nearest of its cluster per curated row.
 Peak memory is the process's resident high-water mark during the stage (data included: N·384·4 bytes).
@@ -39,6 +40,11 @@ DUP_FRACTION = 0.05
 THRESHOLD = 0.9
 STAGES = ("dedup", "nearest", "clusters")
 _MARKER = "DK_CURATION_JSON "
+NOTE = ("Synthetic clustered embeddings with 5% planted near copies (cos ≈ 0.98), threshold 0.9, k = 16; one timed "
+        "run per stage in its own process; MB = peak resident set of that process (the embeddings included); "
+        "recall = k-recall@k of the IVF index vs exact search on 1,000 queries, recall_above_threshold = share of the "
+        "exact above-threshold pairs the index found.")
+
 
 
 def synthetic(n: int, dim: int = DIM, seed: int = 0):
@@ -64,7 +70,7 @@ def synthetic(n: int, dim: int = DIM, seed: int = 0):
             + 0.2 * noise
     for s in range(0, n, chunk):
         x[s:s + chunk] /= np.linalg.norm(x[s:s + chunk], axis=1, keepdims=True)
-    n_cur = max(1, n // 100)
+    n_cur = max(10, n // 1000)
     noise = rng.standard_normal((n_cur, dim), dtype=np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     base = x[rng.integers(0, n_base, n_cur)]
@@ -159,31 +165,25 @@ def main(argv=None) -> int:
     env = harness.environment("cpu")
     env["device_name"] = harness.device_name("cpu").rsplit(",", 1)[0] + f", {args.threads} threads"
     print(f"curation on {env['device_name']}, 1-min load {env.get('load_1min')}", flush=True)
+    command = "python benchmarks/bench_curation.py " + " ".join(sys.argv[1:])
     records = []
     for n in args.sizes:
         for stage in args.stages:
             r = _child(n, stage, args.threads)
             rec = {"bench": BENCH, **env, **{k: v for k, v in r.items() if k not in ("seconds",)},
                    "impl": "dinokernels.curation", "median_ms": r["seconds"] * 1e3, "iqr_ms": None,
-                   "load_1min_end": round(os.getloadavg()[0], 2)}
+                   "load_1min_end": round(os.getloadavg()[0], 2), "command": command.strip(), "note": NOTE}
             for key in TABLE_KEYS:
                 rec.setdefault(key, None)
             for key in ("recall", "recall_above_threshold"):
                 if rec.get(key) is not None:
                     rec[key] = round(rec[key], 4)
             records.append(rec)
+            harness.append_jsonl([rec], harness.SCRATCH_JSONL)  # kept even if a later size is interrupted
             extra = ", ".join(f"{k} {r[k]}" for k in ("index", "recall", "recall_above_threshold", "found_planted",
                                                       "false_removed", "retrieved") if r.get(k) is not None)
             print(f"N={n:>9,} {stage:<8} {r['seconds']:9.2f} s  peak RSS {r['peak_mb']:9.1f} MB "
                   f"(data {r['data_mb']:.0f} MB)  {extra}", flush=True)
-    command = "python benchmarks/bench_curation.py " + " ".join(sys.argv[1:])
-    for rec in records:
-        rec["command"] = command.strip()
-        rec["note"] = ("Synthetic clustered embeddings with 5% planted near copies (cos ≈ 0.98), threshold 0.9, "
-                       "k = 16; one timed run per stage in its own process; MB = peak resident set of that process "
-                       "(the embeddings included); recall = k-recall@k of the IVF index vs exact search on 1,000 "
-                       "queries, recall_above_threshold = share of exact above-threshold pairs the index found.")
-    harness.append_jsonl(records, harness.SCRATCH_JSONL)
     if args.record:
         harness.append_jsonl(records, harness.DEFAULT_JSONL)
         harness.render_results_md()
