@@ -347,6 +347,9 @@ DIGITS_PRESET: Dict[str, Any] = dict(
 # 12.5 / 18.2 %, teacher entropy 5.55 of ln K 6.93 — DINO does NOT yet beat raw pixels here (the learned features
 # follow the canvas colours that both views share), so this is not the default yet. Variants tried: 32-px canvas
 # and crops (too slow: 17 tokens), 24-px crops with crops 40–100 % (k-NN at chance, entropy drifting to uniform).
+# A second round (docs/dino.md, "Why the cluttered-digits job does not win yet"): even with only the digit's
+# position and scale varying, no change of temperature, crops, local crops, head, teacher momentum, patch size or
+# targets made the learned CLS features beat random initialisation within ~1000 iterations.
 CLUTTERED_DIGITS_PRESET: Dict[str, Any] = dict(
     DIGITS_PRESET,
     builtin_data="cluttered-digits",
