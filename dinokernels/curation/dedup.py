@@ -103,8 +103,9 @@ def duplicate_components(x, threshold: float, k: int = 16, *, priority: Optional
     kept = (representative == np.arange(n)) & eligible
     similarity = np.einsum("ij,ij->i", x, x[representative]).astype(np.float32)
     similarity[kept] = 1.0
-    pairs = set(zip(*np.sort(np.stack([rows, cols]), axis=0)))
-    return DedupResult(component, representative, kept, similarity, len(pairs), result.info)
+    low, high = np.minimum(rows, cols), np.maximum(rows, cols)
+    pairs = np.unique(low * n + high).size  # i→j and j→i are one pair
+    return DedupResult(component, representative, kept, similarity, int(pairs), result.info)
 
 
 def eval_copies(pool, eval_set, threshold: float, **search_kwargs):

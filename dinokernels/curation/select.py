@@ -66,9 +66,18 @@ def retrieve_nearest(pool, curated, per_image: int = 4, candidates: Optional[np.
         return selection
     k = int(min(per_image, rows.size))
     found = knn_search(q, p[rows], k, **search_kwargs)
-    for i in range(q.shape[0]):
-        ok = found.indices[i] >= 0
-        _record(selection, rows[found.indices[i][ok]], found.similarities[i][ok], i)
+    ok = found.indices >= 0
+    pool_rows = rows[found.indices[ok]]
+    sims = found.similarities[ok]
+    queries = np.nonzero(ok)[0]
+    # Per pool row the best similarity, ties to the first curated row: sort by (row, -similarity, query).
+    order = np.lexsort((queries, -sims, pool_rows))
+    first = np.ones(order.size, bool)
+    first[1:] = pool_rows[order][1:] != pool_rows[order][:-1]
+    best = order[first]
+    selection.selected[pool_rows[best]] = True
+    selection.similarity[pool_rows[best]] = sims[best]
+    selection.query[pool_rows[best]] = queries[best]
     selection.info["search"] = found.info
     return selection
 
