@@ -62,10 +62,12 @@ def add_curate_commands(commands) -> None:
                    help="search and k-means: faiss, or the exact torch fallback (default: faiss when installed)")
     p.add_argument("--exact-max", type=positive_int(), dest="exact_max",
                    help="largest pool searched exactly (20000); above: a faiss IVF index with its recall reported")
-    p.add_argument("--nprobe", type=positive_int(1 << 20), help="IVF lists probed (default 16; raise it when the reported recall is low)")
+    p.add_argument("--nprobe", type=positive_int(1 << 20),
+                   help="IVF lists probed (default 16; raise it when the reported recall is low)")
     p.add_argument("--pq-bytes", type=positive_int(4096), dest="pq_bytes",
                    help="compress the IVF index with product quantisation, this many bytes per vector")
-    p.add_argument("--seed", type=nonnegative_int(2**31 - 1), default=0, help="seed of the index training and k-means (0)")
+    p.add_argument("--seed", type=nonnegative_int(2**31 - 1), default=0,
+                   help="seed of the index training and k-means (0)")
     p.add_argument("--dry-run", action="store_true", dest="dry_run",
                    help="count the image files and print the plan; read no image, write nothing")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

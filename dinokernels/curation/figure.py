@@ -1,7 +1,7 @@
 """examples.png of a curation run: a few duplicate groups (kept image first) and a few curated images with the
 pool images they retrieved, as rows of thumbnails with their cosine similarity underneath."""
 import os
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -251,7 +251,8 @@ def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None,
     records = _manifest(pool, curated, evals, dedup, is_eval_copy, eval_row, eval_sim, selection)
     sizes = dedup.sizes
     summary = {
-        "out": os.path.abspath(config.out), "pool": os.path.abspath(config.pool), "curated": config.curated and os.path.abspath(config.curated),
+        "out": os.path.abspath(config.out), "pool": os.path.abspath(config.pool),
+        "curated": config.curated and os.path.abspath(config.curated),
         "eval": config.eval and os.path.abspath(config.eval), "checkpoint": os.path.abspath(config.checkpoint),
         "model": getattr(model, "source", ""), "feature": config.feature,
         "threshold": round(threshold, 6), "threshold_source": source, "eval_threshold": round(eval_threshold, 6),

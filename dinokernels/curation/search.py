@@ -37,7 +37,7 @@ _CHUNK_BYTES = 128 << 20  # similarity block of the torch fallback
 
 def _faiss():
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
         return None
     return faiss
@@ -174,7 +174,8 @@ def _build_faiss_index(database: np.ndarray, nlist: int, pq_bytes: Optional[int]
 
 
 def knn_search(queries, database, k: int, *, exclude_self: bool = False, backend: str = "auto",
-               exact_max: int = EXACT_MAX, exact_pairs_max: int = EXACT_PAIRS_MAX, nlist: Optional[int] = None, nprobe: Optional[int] = None,
+               exact_max: int = EXACT_MAX, exact_pairs_max: int = EXACT_PAIRS_MAX, nlist: Optional[int] = None,
+               nprobe: Optional[int] = None,
                pq_bytes: Optional[int] = None, recall_sample: int = 1000, threshold: Optional[float] = None,
                seed: int = 0, threads: Optional[int] = None) -> SearchResult:
     """Top-k database rows by inner product for every query.

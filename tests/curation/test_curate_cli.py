@@ -138,8 +138,8 @@ def test_clusters_mode(full_run, thumbnail_checkpoint, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_manifest(full_run, thumbnail_checkpoint, tmp_path):
-    from dinokernels.cli_curate import _config
     from dinokernels.cli import build_parser
+    from dinokernels.cli_curate import _config
     from dinokernels.curation.pipeline import curate
 
     root, _, out, _, _ = full_run
