@@ -198,6 +198,26 @@ def test_gradient_from_the_forward_pass_is_deterministic_and_reusable(centered):
     torch.testing.assert_close(first.double(), ref_grad, rtol=0, atol=1e-5 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_backward_allocates_no_zero_gradient_for_the_statistics(centered):
+    """Only the loss is differentiable. Autograd must not build zero-filled gradients for the other outputs of the
+    forward op (the (S, B, K) gradient buffer among them): that was one more S·B·K allocation and memset per
+    backward, doubling the peak memory of a CPU training step."""
+    S, T, B, K = 4, 2, 3, 257
+    student = torch.randn(S, B, K, requires_grad=True)
+    teacher, center = torch.randn(T, B, K), torch.randn(K) * 0.1
+    loss = dino_loss_centered(student, teacher, center, 0.04) if centered else \
+        dino_loss(student, torch.softmax(teacher / 0.04, dim=-1))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        (grad,) = torch.autograd.grad(loss, student)
+    # (The scalar fill_ of the loss's own grad_output, ones(()), is autograd.grad's and stays.)
+    filled = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")
+              and e.input_shapes and e.input_shapes[0] != []]
+    assert filled == [], filled
+    assert grad.shape == student.shape and torch.isfinite(grad).all()
+
+
 def test_non_contiguous_inputs():
     S, T, B, K = 4, 2, 3, 129
     base_s = torch.randn(B, S, 2 * K, dtype=torch.float64)
