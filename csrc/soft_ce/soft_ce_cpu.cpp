@@ -395,10 +395,14 @@ T fused_sample(const Args& a, const T* student, const T* teacher, const T* cente
       const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
       const T* z = zrow + k0;
       T* g = scratch.exps.data() + k0;  // e, turned into the gradient below
+      // The student chunk after this one, fetched into L2 while this one is exponentiated: the hardware
+      // prefetcher follows a stream only while it is being read, and the max pass would wait for memory.
+      const T* z_next = c + 1 < chunks ? z + n : v + 1 < a.views ? zrow + row_stride : nullptr;
       const T m = row_max(z, n);
       typename S::vec vs{}, vd{}, vp{};
       int64_t k = 0;
       for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);  // one line per iteration for 64-byte vectors
         const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
         const typename S::vec e = cpu::vexp_nonpositive(x);
         S::store(g + k, e);
