@@ -133,6 +133,8 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
   }
   for (int64_t v = 0; v < a.views; ++v) {
     const T* z = student + v * row_stride + b * a.classes + k0;
+    // The next view's chunk, fetched into L2 during this one's exponentials (see fused_sample).
+    const T* z_next = v + 1 < a.views ? z + row_stride : nullptr;
     const T m = row_max(z, n);  // in the logits' space: x = (z − m)/τ_s
     T* rec = record + layout.student(v);
     typename S::vec vs{}, vd{}, vp{};
@@ -144,6 +146,7 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       for (int64_t t = 0; t < a.teachers; ++t)
         if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = teacher_rows[t];
       for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);
         const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
         vs += cpu::vexp_nonpositive(x);
         typename S::vec p{};
@@ -162,7 +165,10 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       }
       rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
     } else {
-      for (; k + L <= n; k += L) vs += cpu::vexp_nonpositive(student_exponent(S::load(z + k), m, inv_ts));
+      for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);
+        vs += cpu::vexp_nonpositive(student_exponent(S::load(z + k), m, inv_ts));
+      }
       T s = S::sum(vs);
       for (; k < n; ++k) s += std::exp(student_exponent(z[k], m, inv_ts));
       rec[0] = m, rec[1] = s, rec[2] = 0, rec[3] = 0;
