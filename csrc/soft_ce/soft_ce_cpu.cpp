@@ -286,10 +286,10 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
 // One task per sample b: the T teacher rows of b are read once (in logits mode turned into probabilities in a
 // per-thread buffer, with their statistics), the target row shared by the views that pair with every teacher is
 // summed once, then each student row (v, b) is streamed once in 2048-column chunks: its max, then
-// e = exp((z − max_c)/τ_s) written straight into the gradient with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential
-// per element). The chunk records merge with combine_row as in the forward; a last sweep over the row, still in
-// L2, turns e into the gradient (ΣP·softmax − P)·scale·w_b/τ_s. Samples are independent and each is reduced in
-// a fixed order, so the result does not depend on the thread count.
+// e = exp((z − max_c)/τ_s) into a per-thread row with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential per
+// element). The chunk records merge with combine_row as in the forward; a last sweep over that row, still in L2,
+// writes the gradient (ΣP·softmax − P)·scale·w_b/τ_s, once (non-temporal stores for large gradients). Samples are
+// independent and each is reduced in a fixed order, so the result does not depend on the thread count.
 
 // Teacher logits row → probabilities softmax((z − c)/τ_t) (softmax_center_math.h); returns (max d, log Σ).
 template <typename T>
