@@ -14,6 +14,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -143,6 +146,76 @@ inline Simd<float>::vec vexp(Simd<float>::vec x) {
 inline Simd<double>::vec vexp(Simd<double>::vec x) {
   for (int l = 0; l < Simd<double>::kLanes; ++l) x[l] = std::exp(x[l]);
   return x;
+}
+
+// exp for x ≤ 0 (or NaN), with fewer instructions than vexp where AVX-512 is available: no upper clamp, one
+// NaN-keeping max for the lower one, and VSCALEF for the 2^n factor. Same range reduction and polynomial as
+// vexp: the same bits for x ≥ −87 (checked over all floats in [−88, 0] in steps of 7 ulps and 2.7e9 random
+// ones), and between −87.34 and −87, where vexp cuts to 0, the normal float exp(x) is; below, a denormal (0
+// under FlushDenormals, like vexp) and exactly 0 from −104 on. x > 0 is not handled.
+inline Simd<float>::vec vexp_nonpositive(Simd<float>::vec xv) {
+#if defined(__AVX512F__)
+  // lo > x ? lo : x is one vmaxps (which returns its second operand when either is NaN), and keeps a NaN x.
+  const Simd<float>::vec lo = Simd<float>::splat(-104.0f);
+  const __m512 x = __m512(lo > xv ? lo : xv);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  // (The masked form with every lane on: the unmasked intrinsic trips a GCC 12 maybe-uninitialized warning.)
+  return Simd<float>::vec(_mm512_maskz_scalef_ps(__mmask16(0xFFFF), y, n));
+#else
+  return vexp(xv);
+#endif
+}
+
+inline Simd<double>::vec vexp_nonpositive(Simd<double>::vec x) { return vexp(x); }
+
+// Non-temporal stores: a result written once and not read again soon goes to memory without first reading the
+// line into the cache (saving that read, a third of a streaming write's traffic) and without evicting the
+// working set. p must be kVecBytes-aligned; call stream_fence() before the data is read by another thread.
+inline void stream_store(float* p, Simd<float>::vec v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, __m512(v));
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, __m256(v));
+#elif defined(__SSE__)
+  _mm_stream_ps(p, __m128(v));
+#else
+  Simd<float>::store(p, v);
+#endif
+}
+
+inline void stream_store(double* p, Simd<double>::vec v) {
+#if defined(__AVX512F__)
+  _mm512_stream_pd(p, __m512d(v));
+#elif defined(__AVX__)
+  _mm256_stream_pd(p, __m256d(v));
+#elif defined(__SSE2__)
+  _mm_stream_pd(p, __m128d(v));
+#else
+  Simd<double>::store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// Elements of T before p reaches the next kVecBytes boundary (p must be T-aligned).
+template <typename T>
+inline int64_t elements_to_alignment(const T* p) {
+  const std::uintptr_t misalign = reinterpret_cast<std::uintptr_t>(p) % std::uintptr_t(kVecBytes);
+  return misalign ? int64_t((std::uintptr_t(kVecBytes) - misalign) / sizeof(T)) : 0;
 }
 
 // Σ_i a[i] * b[i].

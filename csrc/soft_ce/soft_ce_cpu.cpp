@@ -55,8 +55,16 @@ template <typename T>
 T row_max(const T* x, int64_t n) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
-  typename S::vec acc = S::splat(-INFINITY);
+  // Four accumulators: one would wait on the compare-and-blend latency of the previous vector.
+  typename S::vec acc = S::splat(-INFINITY), acc1 = acc, acc2 = acc, acc3 = acc;
   int64_t k = 0;
+  for (; k + 4 * L <= n; k += 4 * L) {
+    acc = cpu::vmax(acc, S::load(x + k));
+    acc1 = cpu::vmax(acc1, S::load(x + k + L));
+    acc2 = cpu::vmax(acc2, S::load(x + k + 2 * L));
+    acc3 = cpu::vmax(acc3, S::load(x + k + 3 * L));
+  }
+  acc = cpu::vmax(cpu::vmax(acc, acc1), cpu::vmax(acc2, acc3));
   for (; k + L <= n; k += L) acc = cpu::vmax(acc, S::load(x + k));
   T m = -INFINITY;
   for (int l = 0; l < L; ++l) m = std::max(m, acc[l]);
@@ -85,7 +93,7 @@ void teacher_chunk_exp(const T* z, const T* center, T factor, int64_t n, T* out,
   }
   typename S::vec vs{};
   for (k = 0; k + L <= n; k += L) {
-    const typename S::vec e = cpu::vexp(softmax_center::exponent(S::load(out + k), m, factor));
+    const typename S::vec e = cpu::vexp_nonpositive(softmax_center::exponent(S::load(out + k), m, factor));
     S::store(out + k, e);
     vs += e;
   }
@@ -125,6 +133,8 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
   }
   for (int64_t v = 0; v < a.views; ++v) {
     const T* z = student + v * row_stride + b * a.classes + k0;
+    // The next view's chunk, fetched into L2 during this one's exponentials (see fused_sample).
+    const T* z_next = v + 1 < a.views ? z + row_stride : nullptr;
     const T m = row_max(z, n);  // in the logits' space: x = (z − m)/τ_s
     T* rec = record + layout.student(v);
     typename S::vec vs{}, vd{}, vp{};
@@ -136,8 +146,9 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       for (int64_t t = 0; t < a.teachers; ++t)
         if (paired(v, t, a.skip_same_view)) paired_rows[n_paired++] = teacher_rows[t];
       for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);
         const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
-        vs += cpu::vexp(x);
+        vs += cpu::vexp_nonpositive(x);
         typename S::vec p{};
         for (int j = 0; j < n_paired; ++j) p += S::load(paired_rows[j] + k);
         vd += vtarget_times_exponent(p, x);
@@ -154,7 +165,10 @@ void forward_chunk(const Args& a, const T* student, const T* teacher, const T* c
       }
       rec[0] = m, rec[1] = s, rec[2] = d, rec[3] = mass;
     } else {
-      for (; k + L <= n; k += L) vs += cpu::vexp(student_exponent(S::load(z + k), m, inv_ts));
+      for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);
+        vs += cpu::vexp_nonpositive(student_exponent(S::load(z + k), m, inv_ts));
+      }
       T s = S::sum(vs);
       for (; k < n; ++k) s += std::exp(student_exponent(z[k], m, inv_ts));
       rec[0] = m, rec[1] = s, rec[2] = 0, rec[3] = 0;
@@ -234,7 +248,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
           const T* cen = center + k0;
           int64_t k = 0;
           for (; k + L <= n; k += L)
-            S::store(p + k, cpu::vexp(softmax_center::exponent(
+            S::store(p + k, cpu::vexp_nonpositive(softmax_center::exponent(
                                           softmax_center::half_centered(S::load(z + k), S::load(cen + k)), mx,
                                           factor) - ls));
           for (; k < n; ++k)
@@ -258,7 +272,7 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
         }
         int64_t k = 0;
         for (; k + L <= n; k += L) {
-          const typename S::vec soft = cpu::vexp(student_exponent(S::load(z + k), mx, inv_ts) - ls);
+          const typename S::vec soft = cpu::vexp_nonpositive(student_exponent(S::load(z + k), mx, inv_ts) - ls);
           S::store(g + k, (soft * mass - S::load(target + k)) * coef);
         }
         for (; k < n; ++k) g[k] = (std::exp(student_exponent(z[k], mx, inv_ts) - ls) * mass - target[k]) * coef;
@@ -272,10 +286,10 @@ void backward_impl(const Args& a, T grad_loss, const T* student, const T* teache
 // One task per sample b: the T teacher rows of b are read once (in logits mode turned into probabilities in a
 // per-thread buffer, with their statistics), the target row shared by the views that pair with every teacher is
 // summed once, then each student row (v, b) is streamed once in 2048-column chunks: its max, then
-// e = exp((z − max_c)/τ_s) written straight into the gradient with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential
-// per element). The chunk records merge with combine_row as in the forward; a last sweep over the row, still in
-// L2, turns e into the gradient (ΣP·softmax − P)·scale·w_b/τ_s. Samples are independent and each is reduced in
-// a fixed order, so the result does not depend on the thread count.
+// e = exp((z − max_c)/τ_s) into a per-thread row with the chunk's Σe, ⟨P, x⟩ and ΣP (one exponential per
+// element). The chunk records merge with combine_row as in the forward; a last sweep over that row, still in L2,
+// writes the gradient (ΣP·softmax − P)·scale·w_b/τ_s, once (non-temporal stores for large gradients). Samples are
+// independent and each is reduced in a fixed order, so the result does not depend on the thread count.
 
 // Teacher logits row → probabilities softmax((z − c)/τ_t) (softmax_center_math.h); returns (max d, log Σ).
 template <typename T>
@@ -290,7 +304,7 @@ void teacher_row_probs(const T* z, const T* center, T factor, int64_t k, T* out,
   for (; j < k; ++j) m = std::max(m, softmax_center::half_centered(z[j], center[j]));
   typename S::vec vs{};
   for (j = 0; j + L <= k; j += L) {
-    const typename S::vec e = cpu::vexp(
+    const typename S::vec e = cpu::vexp_nonpositive(
         softmax_center::exponent(softmax_center::half_centered(S::load(z + j), S::load(center + j)), m, factor));
     S::store(out + j, e);
     vs += e;
@@ -326,21 +340,28 @@ void sum_rows(const T* const* rows, int n, int64_t k, T* out) {
 }
 
 // Scratch of one thread: teacher probabilities (T, K) in logits mode, the all-teacher target row (K), a row of
-// zeros (the target of a view paired with no teacher: S ≥ 2 views against T = 1), and one row's chunk records.
+// zeros (the target of a view paired with no teacher: S ≥ 2 views against T = 1), one row's chunk records, and
+// one row's exponentials (K): reused for every row, so they stay in L2 and the gradient is written once, at the
+// end, straight to memory.
 template <typename T>
 struct FusedScratch {
-  std::vector<T> teacher_probs, all_targets, zeros, records;
+  std::vector<T> teacher_probs, all_targets, zeros, records, exps;
   explicit FusedScratch(const Args& a)
       : teacher_probs(a.teacher_logits ? size_t(a.teachers * a.classes) : 0),
         all_targets(a.teachers > 1 && a.views > a.teachers ? size_t(a.classes) : 0),
         zeros(a.skip_same_view && a.teachers == 1 ? size_t(a.classes) : 0, T(0)),
-        records(size_t(4 * n_chunks(a.classes))) {}
+        records(size_t(4 * n_chunks(a.classes))),
+        exps(size_t(a.classes)) {}
 };
+
+// Gradients at least this large are written with non-temporal stores: they exceed the caches anyway, and a plain
+// store would first read every line of the fresh buffer from memory. Smaller ones stay cached for their reader.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // Returns Σ_v ℓ_vb (unweighted, unscaled), like combine_row; writes grad rows (v, b) for every v.
 template <typename T>
 T fused_sample(const Args& a, const T* student, const T* teacher, const T* center, const T* weights, int64_t b,
-               T* student_stats, T* target_sum, T* teacher_stats, T* grad, FusedScratch<T>& scratch) {
+               T* student_stats, T* target_sum, T* teacher_stats, T* grad, bool stream, FusedScratch<T>& scratch) {
   using S = cpu::Simd<T>;
   constexpr int L = S::kLanes;
   const int64_t k_all = a.classes, row_stride = a.batch * a.classes, chunks = n_chunks(a.classes);
@@ -379,13 +400,17 @@ T fused_sample(const Args& a, const T* student, const T* teacher, const T* cente
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
       const T* z = zrow + k0;
-      T* g = grow + k0;
+      T* g = scratch.exps.data() + k0;  // e, turned into the gradient below
+      // The student chunk after this one, fetched into L2 while this one is exponentiated: the hardware
+      // prefetcher follows a stream only while it is being read, and the max pass would wait for memory.
+      const T* z_next = c + 1 < chunks ? z + n : v + 1 < a.views ? zrow + row_stride : nullptr;
       const T m = row_max(z, n);
       typename S::vec vs{}, vd{}, vp{};
       int64_t k = 0;
       for (; k + L <= n; k += L) {
+        if (z_next) __builtin_prefetch(z_next + k, 0, 2);  // one line per iteration for 64-byte vectors
         const typename S::vec x = student_exponent(S::load(z + k), m, inv_ts);
-        const typename S::vec e = cpu::vexp(x);
+        const typename S::vec e = cpu::vexp_nonpositive(x);
         S::store(g + k, e);
         vs += e;
         typename S::vec p = S::load(paired_rows[0] + k0 + k);
@@ -413,20 +438,28 @@ T fused_sample(const Args& a, const T* student, const T* teacher, const T* cente
     const T row_mass = target_sum[v * a.batch + b];
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k0 = c * kChunk, n = std::min(kChunk, k_all - k0);
+      const T* e = scratch.exps.data() + k0;
       T* g = grow + k0;
       // softmax = e·exp((m_c − M)/τ_s − log Σ); the gradient ΣP·softmax − P, times coef.
       const T scale_c = row_mass * std::exp(student_exponent(rec[4 * c], mx, inv_ts) - ls);
-      int64_t k = 0;
-      for (; k + L <= n; k += L) {
+      const auto grad_at = [&](int64_t k) {
         typename S::vec p = S::load(paired_rows[0] + k0 + k);
         for (int j = 1; j < n_paired; ++j) p += S::load(paired_rows[j] + k0 + k);
-        S::store(g + k, (S::load(g + k) * scale_c - p) * coef);
-      }
-      for (; k < n; ++k) {
+        return (S::load(e + k) * scale_c - p) * coef;
+      };
+      const auto grad_scalar = [&](int64_t k) {
         T p = paired_rows[0][k0 + k];
         for (int j = 1; j < n_paired; ++j) p += paired_rows[j][k0 + k];
-        g[k] = (g[k] * scale_c - p) * coef;
+        return (e[k] * scale_c - p) * coef;
+      };
+      int64_t k = 0;
+      if (stream) {  // plain stores up to the first vector-aligned element, then non-temporal ones
+        for (const int64_t head = std::min(n, cpu::elements_to_alignment(g)); k < head; ++k) g[k] = grad_scalar(k);
+        for (; k + L <= n; k += L) cpu::stream_store(g + k, grad_at(k));
+      } else {
+        for (; k + L <= n; k += L) S::store(g + k, grad_at(k));
       }
+      for (; k < n; ++k) g[k] = grad_scalar(k);
     }
   }
   return row_loss;
@@ -435,7 +468,9 @@ T fused_sample(const Args& a, const T* student, const T* teacher, const T* cente
 template <typename T>
 void forward_backward_impl(const Args& a, const T* student, const T* teacher, const T* center, const T* weights,
                            T* loss, T* student_stats, T* target_sum, T* teacher_stats, T* grad, int num_threads) {
-  cpu::advise_huge_pages(grad, a.views * a.batch * a.classes * int64_t(sizeof(T)));
+  const int64_t grad_bytes = a.views * a.batch * a.classes * int64_t(sizeof(T));
+  cpu::advise_huge_pages(grad, grad_bytes);
+  const bool stream = grad_bytes >= kStreamBytes;
   std::vector<T> row_loss(size_t(a.batch));
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, a.batch)));
 #pragma omp parallel num_threads(threads)
@@ -445,8 +480,9 @@ void forward_backward_impl(const Args& a, const T* student, const T* teacher, co
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.batch; ++b) {
       const T l = fused_sample(a, student, teacher, center, weights, b, student_stats, target_sum, teacher_stats,
-                               grad, scratch);
+                               grad, stream, scratch);
       row_loss[size_t(b)] = weights ? weights[b] * l : l;
+      if (stream) cpu::stream_fence();  // the gradient is complete before anyone reads it
     }
   }
   double total = 0;

@@ -195,6 +195,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (bool(skip_same_view), float(student_temp), float(teacher_temp), float(scale))
     ctx.arg_names = inputs[9]
     ctx.forward_grad_taken = False
+    # Only the loss is differentiable: without this, autograd hands the backward a zero-filled gradient for every
+    # other output, grad_student (S, B, K) included, i.e. one more S·B·K allocation and memset per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _eager(*tensors) -> bool:
@@ -206,6 +209,8 @@ def _backward(ctx, grad_loss, *_unused):
     student, teacher, center, weights, student_stats, target_sum, teacher_stats, grad_student = ctx.saved_tensors
     skip_same_view, student_temp, teacher_temp, scale = ctx.args
     nones = (None,) * 10
+    if grad_loss is None:  # the loss did not reach the output being differentiated
+        return (None, *nones)
     if grad_student.numel() and not _eager(grad_loss, grad_student):
         return (grad_student * grad_loss.reshape(()).to(grad_student.dtype), *nones)
     if grad_student.numel() and grad_loss.numel() == 1:

@@ -199,6 +199,57 @@ def test_gradient_from_the_forward_pass_is_deterministic_and_reusable(centered):
     torch.testing.assert_close(first.double(), ref_grad, rtol=0, atol=1e-5 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("S,T,B,K", [(3, 2, 3, 120_007), (2, 1, 1, 600_001)])
+@pytest.mark.parametrize("centered", [False, True])
+def test_large_gradient_written_with_streaming_stores(S, T, B, K, centered):
+    """A CPU gradient of 4 MiB or more is written with non-temporal stores from the first vector-aligned element of
+    each row (K odd: every row starts at a different alignment). Against float64, for 1 and 2 threads."""
+    assert S * B * K * 4 >= 4 << 20
+    student = torch.randn(S, B, K) * 2
+    teacher, center = torch.randn(T, B, K), torch.randn(K) * 0.1
+    probs = torch.softmax((teacher.double() - center.double()) / 0.04, dim=-1)
+    if centered:
+        def run(x):
+            return dino_loss_centered(x, teacher, center, 0.04)
+    else:
+        def run(x):
+            return dino_loss(x, probs.float())
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(loss_and_grad(run, student))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    loss_ref, grad_ref = loss_and_grad(cross_view_cross_entropy, student.double(), probs, 0.1)
+    amax = student.abs().max().item() / 0.1
+    if centered:
+        amax = max(amax, (teacher - center).abs().max().item() / 0.04)
+    assert_matches(*results[0], loss_ref, grad_ref, torch.float32, amax, grad_term_scale(student, probs, 0.1))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_backward_allocates_no_zero_gradient_for_the_statistics(centered):
+    """Only the loss is differentiable. Autograd must not build zero-filled gradients for the other outputs of the
+    forward op (the (S, B, K) gradient buffer among them): that was one more S·B·K allocation and memset per
+    backward, doubling the peak memory of a CPU training step."""
+    S, T, B, K = 4, 2, 3, 257
+    student = torch.randn(S, B, K, requires_grad=True)
+    teacher, center = torch.randn(T, B, K), torch.randn(K) * 0.1
+    loss = dino_loss_centered(student, teacher, center, 0.04) if centered else \
+        dino_loss(student, torch.softmax(teacher / 0.04, dim=-1))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        (grad,) = torch.autograd.grad(loss, student)
+    # (The scalar fill_ of the loss's own grad_output, ones(()), is autograd.grad's and stays.)
+    filled = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")
+              and e.input_shapes and e.input_shapes[0] != []]
+    assert filled == [], filled
+    assert grad.shape == student.shape and torch.isfinite(grad).all()
+
+
 def test_non_contiguous_inputs():
     S, T, B, K = 4, 2, 3, 129
     base_s = torch.randn(B, S, 2 * K, dtype=torch.float64)

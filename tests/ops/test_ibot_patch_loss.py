@@ -54,7 +54,8 @@ REGIMES = {
     "flat": (1e-4, 0.1, 1e-4, 0.07),
     "huge": (1e4, 0.1, 1.0, 0.07),
 }
-SHAPES = [(1, 1), (1, 7), (7, 1000), (300, 33), (13, 4099), (3, 65537)]
+# (17, 65537): a gradient over 4 MiB, written by the CPU kernel with non-temporal stores, rows misaligned.
+SHAPES = [(1, 1), (1, 7), (7, 1000), (300, 33), (13, 4099), (3, 65537), (17, 65537)]
 
 
 def make_case(n, k, regime, dtype):
