@@ -1,8 +1,9 @@
 // CUDA soft cross-entropy (see soft_ce.h, soft_ce_math.h). Forward: one block per (row b, chunk) handles all S
 // student and T teacher rows of b over ≤ 2048 columns; each thread keeps its ≤ 8 columns of the current
 // student row in registers across the max and exp passes, and in logits mode the teacher exps of the chunk in
-// shared memory (each thread reads back only the columns it wrote). A second kernel merges the chunk records
-// per row with the CPU's combine_row, a third sums the rows in a fixed order. Backward: one block per
+// shared memory (each thread reads back only the columns it wrote). A second kernel merges the chunk records,
+// one block per row with the chunks split over lanes (add_chunk_dot shared with the CPU's combine_row); a third
+// sums the rows in a fixed order. Backward: one block per
 // (b, chunk), pure streaming, no atomics. Exponents are (z − max)/τ_s and (d − max)·2/τ_t (soft_ce_math.h): a
 // difference before a product, so no FMA can round the forward's and the backward's differently.
 #include "../common/dk_cuda.cuh"
@@ -124,18 +125,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void combine_kernel(Params p, int64_t chunks, const float* __restrict__ records,
-                               const float* __restrict__ weights, float* __restrict__ student_stats,
-                               float* __restrict__ target_sum, float* __restrict__ teacher_stats,
-                               float* __restrict__ row_loss) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= p.batch) return;
+constexpr int kCombineWarps = 8;
+
+// One block per row b (the serial one-thread-per-row merge ran on a single SM at B = 64): warp w takes the teacher
+// rows t = w, w + 8, ... and then the student views v = w, w + 8, ...; lane l folds chunks l, l + 32, ... in order,
+// the 32 lane partials merge in a fixed butterfly, and the view losses add up per warp in view order and over
+// the warps in warp order. Every step is in a fixed order: the result is the same on every run.
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    combine_kernel(Params p, int64_t chunks, const float* __restrict__ records, const float* __restrict__ weights,
+                   float* __restrict__ student_stats, float* __restrict__ target_sum,
+                   float* __restrict__ teacher_stats, float* __restrict__ row_loss) {
+  __shared__ float teacher_max[kMaxTeachers], teacher_log_sum[kMaxTeachers];  // logits mode: T ≤ kMaxTeachers
+  __shared__ float warp_loss[kCombineWarps];
   const RecordLayout layout{p.views, p.teachers};
-  const float l = combine_row(records + b * chunks * layout.size(), layout.size(), chunks, layout,
-                              p.skip_same_view, p.teacher_logits, p.batch, b,
-                              RowStats<float>{student_stats, p.views, p.batch}, target_sum,
-                              RowStats<float>{teacher_stats, p.teachers, p.batch}, p.inv_ts, p.tt_factor);
-  row_loss[b] = weights ? weights[b] * l : l;
+  const int64_t b = blockIdx.x, stride = layout.size();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* row = records + b * chunks * stride;
+  if (p.teacher_logits) {
+    for (int64_t t = warp; t < p.teachers; t += kCombineWarps) {
+      float m = -INFINITY, s = 0.f;
+      for (int64_t c = lane; c < chunks; c += 32) {
+        const float* r = row + c * stride + layout.teacher(t);
+        merge_max_sum(m, s, r[0], r[1], p.tt_factor);
+      }
+      warp_merge_max_sum(m, s, p.tt_factor);
+      if (lane == 0) {
+        teacher_max[t] = m, teacher_log_sum[t] = logf(s);
+        teacher_stats[t * p.batch + b] = m, teacher_stats[(p.teachers + t) * p.batch + b] = logf(s);
+      }
+    }
+    __syncthreads();  // every view needs every teacher's statistics
+  }
+  float loss = 0.f;  // lane 0: Σ ℓ_vb over this warp's views, in view order
+  for (int64_t v = warp; v < p.views; v += kCombineWarps) {
+    float m = -INFINITY, s = 0.f;
+    for (int64_t c = lane; c < chunks; c += 32) {
+      const float* r = row + c * stride + layout.student(v);
+      merge_max_sum(m, s, r[0], r[1], p.inv_ts);
+    }
+    warp_merge_max_sum(m, s, p.inv_ts);
+    float dot = 0.f, mass = 0.f;  // ⟨P, x − M⟩ and ΣP
+    for (int64_t c = lane; c < chunks; c += 32)
+      add_chunk_dot(row + c * stride, layout, v, m, p.skip_same_view, p.teacher_logits, teacher_max,
+                    teacher_log_sum, int64_t(1), p.inv_ts, p.tt_factor, dot, mass);
+    dot = warp_sum(dot);
+    mass = p.teacher_logits ? paired_teachers(v, p.teachers, p.skip_same_view) : warp_sum(mass);
+    if (lane == 0) {
+      const float log_sum = logf(s);
+      student_stats[v * p.batch + b] = m, student_stats[(p.views + v) * p.batch + b] = log_sum;
+      target_sum[v * p.batch + b] = mass;
+      loss += mass * log_sum - dot;
+    }
+  }
+  if (lane == 0) warp_loss[warp] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float l = 0.f;
+    for (int w = 0; w < kCombineWarps; ++w) l += warp_loss[w];
+    row_loss[b] = weights ? weights[b] * l : l;
+  }
 }
 
 // One block: a fixed strided split and a fixed reduction tree, so the sum is deterministic.
@@ -264,7 +312,7 @@ void forward_cuda(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
         p, as_ptr<const TS>(student), as_ptr<const TT>(teacher), as_ptr<const float>(center), records);
   });
   cuda::check_launch(kOp);
-  combine_kernel<<<unsigned((batch + 127) / 128), 128, 0, s>>>(p, chunks, records, as_ptr<const float>(weights),
+  combine_kernel<<<unsigned(batch), kCombineWarps * 32, 0, s>>>(p, chunks, records, as_ptr<const float>(weights),
                                                                 as_ptr<float>(student_stats), as_ptr<float>(target_sum),
                                                                 as_ptr<float>(teacher_stats), row_loss);
   cuda::check_launch(kOp);

@@ -643,6 +643,25 @@ def test_cuda_centered_matches_reference(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("S,T,B,K", [(2, 1, 1, 7), (17, 3, 2, 70001), (9, 2, 1, 81923)])
+def test_cuda_row_merge_matches_cpu_kernel(S, T, B, K):
+    """The CUDA row merge splits a row's 2048-column chunks over 32 lanes and its views over 8 warps: one chunk and
+    B = 1, more chunks than lanes (35, 41) and more views than warps (17, 9) match the CPU kernel in both teacher
+    modes, and a second run gives the same bits."""
+    student = torch.randn(S, B, K)
+    teacher = teacher_probs_like(T, B, K, torch.float32)
+    logits, center = torch.randn(T, B, K), torch.randn(K) * 0.5
+    for fn, args in ((dino_loss, (teacher, 0.1)), (dino_loss_centered, (logits, center, 0.04, 0.1))):
+        loss_cpu, grad_cpu = loss_and_grad(fn, student, *args)
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        loss_gpu, grad_gpu = loss_and_grad(fn, student.cuda(), *cuda_args)
+        torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_gpu.cpu(), grad_cpu, rtol=1e-4, atol=1e-5 * grad_cpu.abs().max().item())
+        again = loss_and_grad(fn, student.cuda(), *cuda_args)
+        assert torch.equal(again[0], loss_gpu) and torch.equal(again[1], grad_gpu)
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu_kernel_deterministic_and_bad_input():
     student, teacher = torch.randn(4, 6, 5000), teacher_probs_like(2, 6, 5000, torch.float32)
     loss_cpu, grad_cpu = loss_and_grad(dino_loss, student, teacher, 0.1)
