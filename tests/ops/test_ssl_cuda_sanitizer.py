@@ -49,3 +49,16 @@ def test_cuda_ssl_small_run_for_sanitizer():
             assert torch.isfinite(sinkhorn_knopp(z, 0.05)).all()
             assert torch.isfinite(_distributed(z, 0.05, 2, None)).all()
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_vector_paths_for_sanitizer():
+    """The 4-wide load paths (K % 4 == 0, aligned) and their scalar fallback on a view one element into its storage,
+    with the fused column sum over several row groups."""
+    for dtype in CUDA_DTYPES:
+        for n, k in [(1, 4), (9, 4104), (70, 1024)]:
+            base = torch.randn(n * k + 1, device="cuda").to(dtype)
+            for z in (base[:n * k].view(n, k), base[1:].view(n, k)):
+                probs, column_sum = softmax_center(z, torch.randn(k, device="cuda"), 0.04, return_sum=True)
+                assert torch.isfinite(probs).all() and torch.isfinite(column_sum).all()
+    torch.cuda.synchronize()
