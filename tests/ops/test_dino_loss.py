@@ -661,6 +661,46 @@ def test_cuda_row_merge_matches_cpu_kernel(S, T, B, K):
         assert torch.equal(again[0], loss_gpu) and torch.equal(again[1], grad_gpu)
 
 
+def _gpu_storage_and_view(values, offset):
+    """values on the GPU as a contiguous view starting `offset` elements into its storage (a misaligned pointer),
+    and that storage's tensor."""
+    storage = torch.zeros(values.numel() + offset, dtype=values.dtype, device="cuda")
+    storage[offset:] = values.reshape(-1).cuda()
+    return storage, storage[offset:].view(values.shape)
+
+
+def _gpu_view(values, offset):
+    return _gpu_storage_and_view(values, offset)[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("K", [4, 4099, 6144, 8196])
+def test_cuda_vector_and_scalar_paths_match_cpu_kernel(K, dtype):
+    """Packs of 4 columns are read 16 (float32) / 8 (16-bit) bytes at a time when K % 4 == 0 and every buffer is
+    aligned, element by element otherwise: aligned buffers, K off the vector width, and a student, teacher or
+    center view starting one element into its storage give the CPU kernel's loss and gradient, in both teacher
+    modes (16-bit teacher logits, float32 targets)."""
+    S, T, B = 3, 2, 2
+    student = torch.randn(S, B, K).to(dtype)
+    probs = teacher_probs_like(T, B, K, torch.float32)
+    logits, center = torch.randn(T, B, K).to(dtype), torch.randn(K) * 0.5
+    eps = torch.finfo(dtype).eps
+    for student_off, teacher_off, center_off in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        cases = ((dino_loss, (probs, 0.1), (_gpu_view(probs, teacher_off), 0.1)),
+                 (dino_loss_centered, (logits.float(), center, 0.04, 0.1),
+                  (_gpu_view(logits, teacher_off), _gpu_view(center, center_off), 0.04, 0.1)))
+        for fn, cpu_args, gpu_args in cases:
+            loss_cpu, grad_cpu = loss_and_grad(fn, student.float(), *cpu_args)
+            storage = _gpu_storage_and_view(student, student_off)[0].requires_grad_(True)
+            loss_gpu = fn(storage[student_off:].view(S, B, K), *gpu_args)  # the kernel sees the view's pointer
+            grad_gpu = torch.autograd.grad(loss_gpu, storage)[0][student_off:].view(S, B, K)
+            assert grad_gpu.dtype == dtype
+            torch.testing.assert_close(loss_gpu.detach().cpu(), loss_cpu, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad_gpu.float().cpu(), grad_cpu.to(dtype).float(), rtol=max(2 * eps, 1e-4),
+                                       atol=1e-5 * grad_cpu.abs().max().item())
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu_kernel_deterministic_and_bad_input():
     student, teacher = torch.randn(4, 6, 5000), teacher_probs_like(2, 6, 5000, torch.float32)
