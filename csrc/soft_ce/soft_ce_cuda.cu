@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
                    const TT* __restrict__ teacher,           // (T, B, K)
                    const float* __restrict__ center,         // (K,) or nullptr
                    float* __restrict__ records) {            // (B, chunks, R)
-  extern __shared__ float teacher_exp[];  // (T, chunk) in logits mode
+  extern __shared__ __align__(16) float teacher_exp[];  // (T, chunk) in logits mode; 16-byte packs
   __shared__ float scratch[96];
   const RecordLayout layout{p.views, p.teachers};
   const int64_t b = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ weights, const float* __restrict__ student_stats,
                     const float* __restrict__ target_sum, const float* __restrict__ teacher_stats,
                     TS* __restrict__ grad_student) {
-  extern __shared__ float teacher_prob[];  // (T, chunk) in logits mode
+  extern __shared__ __align__(16) float teacher_prob[];  // (T, chunk) in logits mode; 16-byte packs
   const int64_t b = blockIdx.x, c = blockIdx.y;
   const int64_t k0 = c * p.chunk, width = min(p.chunk, p.classes - k0);
   const int64_t row_stride = p.batch * p.classes;
