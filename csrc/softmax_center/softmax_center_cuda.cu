@@ -49,10 +49,10 @@ __device__ DK_INLINE void load_pack(const T* __restrict__ x, int64_t j, int64_t 
 template <bool kVec>
 __device__ DK_INLINE void store_pack(float* __restrict__ y, int64_t j, int64_t k, const float (&in)[kWidth]) {
   if (kVec && j < k) {
-    Pack<float> pack;
-#pragma unroll
-    for (int i = 0; i < kWidth; ++i) pack.v[i] = in[i];
-    *reinterpret_cast<Pack<float>*>(y + j) = pack;
+    static_assert(kWidth == 4, "one float4 per pack");
+    // __stwb: a plain store, but always one 16-byte st.global.v4 (a float4 assignment here came out as four
+    // scalar stores).
+    __stwb(reinterpret_cast<float4*>(y + j), make_float4(in[0], in[1], in[2], in[3]));
   } else {
 #pragma unroll
     for (int i = 0; i < kWidth; ++i)
