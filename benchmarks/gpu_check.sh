@@ -29,22 +29,29 @@ step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
 }
 
 nvidia-smi 2>&1 | head -n 12
-step build 200 "$PY" -m pip install --no-build-isolation -v . || { echo "build failed"; exit 1; }
+if ! "$PY" -c "import pybind11" 2>/dev/null && ls build/devdeps/pybind11-*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps build/devdeps/pybind11-*.whl  # carried: the machine has no registry
+fi
+step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v . || { echo "build failed"; exit 1; }
 # -P keeps the source tree (which has no compiled module) off sys.path: the installed package is what runs.
 step info 30 bash -c "nvidia-smi; '$PY' -P -m dinokernels info"
-DINOKERNELS_REQUIRE_CUDA=1 step tests_cuda 200 "$PY" -P -m pytest tests -q -p no:cacheprovider -m cuda
+DINOKERNELS_REQUIRE_CUDA=1 step tests_cuda "${TESTS_LIMIT:-200}" "$PY" -P -m pytest tests -q -p no:cacheprovider -m cuda
 # CI runs the CPU tests; SKIP_CPU_TESTS=1 saves device time.
 [ "${SKIP_CPU_TESTS:-0}" = 1 ] || step tests_cpu 200 "$PY" -P -m pytest tests -q -p no:cacheprovider -m "not cuda"
 # memcheck and racecheck as separate steps, so that a failure under one does not hide the other.
 for tool in memcheck racecheck; do
-  step "sanitizer_$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+  step "sanitizer_$tool" "${SANITIZER_LIMIT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
     "$PY" -P -m pytest tests/ops -q -p no:cacheprovider -k sanitizer
 done
 # One step per benchmark, so that one failing bench does not hide the others. BENCHES narrows the list.
 for bench in ${BENCHES:-dino_loss sinkhorn_knopp softmax_center ibot_patch_loss koleo matcher ms_deform_attn}; do
-  TAIL=12 step "bench_$bench" 240 "$PY" -P "benchmarks/bench_$bench.py" --device cuda --dtype float32 bfloat16 \
-    --quick --rounds 3 --jsonl "$OUT/results.jsonl"
+  # BENCH_FLAGS adds e.g. --compile (the reference under torch.compile, a column of its own).
+  TAIL=12 step "bench_$bench" "${BENCH_LIMIT:-240}" "$PY" -P "benchmarks/bench_$bench.py" --device cuda \
+    --dtype float32 bfloat16 --quick --rounds 3 ${BENCH_FLAGS:-} --jsonl "$OUT/results.jsonl"
 done
+# Per-kernel profile after the change (benchmarks/profile_ops.py); PROFILE=0 skips it.
+[ "${PROFILE:-1}" = 0 ] || step profile "${PROFILE_LIMIT:-150}" "$PY" -P benchmarks/profile_ops.py ${PROFILE_OPS:+--ops $PROFILE_OPS} \
+  --jsonl "$OUT/profile.jsonl"
 
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "FAILED: ${failed[*]}"

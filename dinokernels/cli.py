@@ -419,6 +419,13 @@ def _add_pretrain(commands) -> None:
                    help="autocast precision (default auto: fp16 with loss scaling on CUDA as official, fp32 on CPU)")
     p.add_argument("--use-fp16", "--use_fp16", type=_bool, metavar="BOOL", dest="use_fp16",
                    help="main_dino.py's flag: true = --precision fp16, false = fp32")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard student and teacher with FSDP (torch fully_shard, per transformer block) instead of "
+                        "DDP; under torchrun, or in one process")
+    p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="resume an --fsdp run without FSDP")
+    p.add_argument("--fsdp-mixed-precision", choices=["auto", "none", "bf16", "fp16"],
+                   help="with --fsdp: compute dtype of the gathered weights (default auto: bf16 on CUDA, none on "
+                        "the CPU); weights, optimiser state and gradient reduction stay float32")
     recipe = p.add_argument_group("recipe (main_dino.py's arguments; unset = official default, or the digits "
                                   "preset without --data)")
     for name, typ, extra, help_text in _RECIPE:
@@ -459,6 +466,8 @@ def _pretrain_config(args) -> Any:
                              if getattr(args, f.name, None) is not None and f.name != "resume"}
     if args.use_fp16 is not None and args.precision is None:
         given["precision"] = "fp16" if args.use_fp16 else "fp32"
+    if given.get("fsdp") is False and "fsdp_mixed_precision" not in given:
+        given["fsdp_mixed_precision"] = "auto"  # --no-fsdp on resume drops the stored FSDP setting too
     for key in ("global_crops_scale", "local_crops_scale", "mask_ratio"):
         if key in given:
             given[key] = tuple(given[key])
@@ -719,6 +728,9 @@ def add_commands(commands) -> None:
     _add_attention(commands)
     from .cli_detection import add_detection_commands  # train-detector, detect (imported here: it imports cli)
     add_detection_commands(commands)
+    from .cli_curate import add_curate_commands; add_curate_commands(commands)  # curate (imports cli too)
+    from .cli_features import add_feature_commands; add_feature_commands(commands)  # embed, retrieve
+    from .cli_probes import add_probe_commands; add_probe_commands(commands)  # probe seg / depth (dense probes)
 
 
 def build_parser() -> argparse.ArgumentParser:

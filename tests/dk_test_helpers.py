@@ -1,5 +1,8 @@
 """Helpers shared by several test modules (conftest.py puts this folder on sys.path: pytest's importlib mode
 does not)."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -23,3 +26,44 @@ def assert_within_torch_error(name, got, torch_got, ref64, atol):
     rounding floor the CPU float32 tests allow (8·eps·|z/τ| relative to the size of the terms)."""
     err, base = max_err(got, ref64), max_err(torch_got, ref64)
     assert err <= 4 * base + atol, f"{name}: kernel error {err:.3g}, PyTorch's own {base:.3g}, atol {atol:.3g}"
+
+
+# ---- every backend an op can run on (issue 16 §3: validation is the op's, not the backend's) ----
+
+BACKENDS = ("kernel", "reference", "fallback")
+
+
+def available_backends():
+    from dinokernels import _ext
+
+    return [name for name in BACKENDS if name != "kernel" or _ext.loaded()]
+
+
+@contextlib.contextmanager
+def running_on(name: str):
+    """Ops run on `name`: 'kernel' (the compiled module), 'reference' (DINOKERNELS_BACKEND=reference) or 'fallback'
+    (DINOKERNELS_BACKEND=auto with the compiled module missing, simulated by hiding dinokernels._ext._C, so every
+    op takes its pure-PyTorch reference; the FallbackWarning is silenced)."""
+    import dinokernels
+    from dinokernels import _ext
+    from dinokernels.ops import _dispatch
+
+    saved = _ext._C, _ext._LOAD_ERROR, _dispatch._warned
+    try:
+        if name == "fallback":
+            _ext._C, _ext._LOAD_ERROR, _dispatch._warned = None, "hidden by the test to exercise the fallback", set()
+        with dinokernels.use_backend("auto" if name == "fallback" else name), warnings.catch_warnings():
+            warnings.simplefilter("ignore", _dispatch.FallbackWarning)
+            yield
+    finally:
+        _ext._C, _ext._LOAD_ERROR, _dispatch._warned = saved
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test once per backend (see running_on; 'kernel' is skipped when the compiled module did not load).
+    Yields the name."""
+    if request.param not in available_backends():
+        pytest.skip("the compiled module did not load")
+    with running_on(request.param):
+        yield request.param

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import dinokernels.ops as ops
+from dk_test_helpers import BACKENDS, available_backends, backend, running_on  # noqa: F401 (backend: a fixture)
 
 OUTCOMES: Dict[str, str] = {}  # probe id → "right answer" | "clear error"
 
@@ -120,7 +121,7 @@ def _lsa_reference(cost, **_):
     return torch.as_tensor(c[r, k].sum())
 
 
-BAD_TEMPERATURES = [0.0, -0.1, float("nan"), float("inf"), "0.1", None, True]
+BAD_TEMPERATURES = [0.0, -0.1, 1e-39, float("nan"), float("inf"), "0.1", None, True]  # 1/1e-39 overflows float32
 
 SPECS: Dict[str, OpSpec] = {
     "koleo_loss": OpSpec(
@@ -179,6 +180,7 @@ SPECS: Dict[str, OpSpec] = {
                           positive_map=torch.rand(1, 2, 6) > 0.5),
         call=ops.matching_cost, reference=ops.matching_cost_ref, compare=_close,
         tensor_args=["pred_logits", "pred_boxes", "tgt_boxes", "positive_map"],
+        defined_nonfinite=[("pred_logits", "+inf"), ("pred_logits", "-inf")],  # probability 1 / 0
         scalar_args={"cost_class": [float("nan"), float("inf"), "1"], "alpha": [float("nan"), -0.5, 1.5],
                      "gamma": [float("nan"), -1.0]},
         batch_dim={"pred_logits": 1, "pred_boxes": 1, "tgt_boxes": 1, "positive_map": 1}),
@@ -225,32 +227,14 @@ MUTATION_NAMES = list(_mutations(SPECS["koleo_loss"], "x"))
 NONFINITE = {"nan", "+inf", "-inf"}
 
 # (The kernels branch of issue 16 §2 is merged; the probes it did not fix are listed below with the rest.)
-_BLAMES_STUDENT = "an overflow caused by huge targets is reported against the student logits, not the argument at fault"
-# Probes that fail today (issue 16, reported to the lead): each reason says what
-# is wrong. strict=True: a fix turns them into failures, and the mark is removed.
+# Probes that fail today (issue 16, reported to the lead): each reason says what is wrong, for every backend or
+# ({backend: reason}) for some. strict=True: a fix turns them into failures, and the mark is removed.
 OPEN_XFAIL = {
-    "dino_loss-teacher_probs-1e38": _BLAMES_STUDENT,
-    "dino_loss-teacher_probs--1e38": _BLAMES_STUDENT,
-    "dino_loss-teacher_probs-all-1e38": _BLAMES_STUDENT,
-    "ms_deform_attn-attention_weights-all-1e38": "the overflow of huge weights is reported against 'value'",
-    "sinkhorn_knopp-teacher_logits-1e38": "one logit of 1e38: the scaling-vector CPU path and the float64 "
-                                          "log-domain reference give different balanced rows",
+    # the reference backend is the float64-exact log-domain form itself
+    "sinkhorn_knopp-teacher_logits-1e38": {"kernel": "one logit of 1e38: the scaling-vector CPU path and the "
+                                                     "float64 log-domain reference give different balanced rows"},
     "koleo_loss-x-1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
     "koleo_loss-x--1e38": "a row norm overflows float32: the loss is silently wrong (no error)",
-    "nearest_neighbors-x-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
-    "nearest_neighbors-y-all-1e38": "x·y overflows float32: inf similarities and index 0, no error",
-    "ibot_patch_loss-teacher_patch_probs-1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                "reported against student_patch_logits",
-    "ibot_patch_loss-teacher_patch_probs--1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                 "reported against student_patch_logits",
-    "ibot_patch_loss-teacher_patch_probs-all-1e38": "soft-CE kernel (shared with dino_loss, §2): the overflow is "
-                                                    "reported against student_patch_logits",
-    "ibot_patch_loss-weights-1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
-    "ibot_patch_loss-weights--1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
-    "ibot_patch_loss-weights-all-1e38": "soft-CE kernel: the overflow is reported against student_patch_logits",
-    **{f"matching_cost-{arg}-{m}": "matching_cost does not check its inputs for NaN/inf: a NaN/inf cost, no "
-                                   "error (HungarianMatcher checks before calling it)"
-       for arg in ("pred_logits", "pred_boxes", "tgt_boxes") for m in ("nan", "+inf", "-inf")},
     **{f"matching_cost-{arg}-{m}": "boxes near 1e38 overflow the float32 L1/GIoU cost: inf/NaN cost, no error"
        for arg in ("pred_boxes", "tgt_boxes") for m in ("1e38", "-1e38", "all-1e38")},
 }
@@ -262,6 +246,11 @@ def _applies(op: str, arg: str, mutation: str) -> bool:
     return _mutations(spec, arg)[mutation](spec.make()[arg]) is not None
 
 
+def _open_reason(pid: str, backend_name: str):
+    reason = OPEN_XFAIL.get(pid)
+    return reason.get(backend_name) if isinstance(reason, dict) else reason
+
+
 def _tensor_probes():
     out = []
     for op, spec in SPECS.items():
@@ -270,10 +259,10 @@ def _tensor_probes():
                 if not _applies(op, arg, mutation):
                     continue
                 pid = f"{op}-{arg}-{mutation}"
-                marks = []
-                if pid in OPEN_XFAIL:
-                    marks = [pytest.mark.xfail(strict=True, reason="open (issue 16): " + OPEN_XFAIL[pid])]
-                out.append(pytest.param(op, arg, mutation, id=pid, marks=marks))
+                for backend_name in BACKENDS:
+                    reason = _open_reason(pid, backend_name)
+                    marks = [pytest.mark.xfail(strict=True, reason="open (issue 16): " + reason)] if reason else []
+                    out.append(pytest.param(backend_name, op, arg, mutation, id=f"{backend_name}-{pid}", marks=marks))
     return out
 
 
@@ -281,7 +270,7 @@ def _scalar_probes():
     out = []
     for op, spec in SPECS.items():
         for arg, values in spec.scalar_args.items():
-            for i, value in enumerate(values):
+            for value in values:
                 out.append(pytest.param(op, arg, value, id=f"{op}-{arg}-{value!r}"))
     return out
 
@@ -321,27 +310,33 @@ def _outcome(spec: OpSpec, kwargs: Dict[str, Any], arg, must_error: bool) -> str
     return "right answer"
 
 
-@pytest.mark.parametrize("op,arg,mutation", _tensor_probes())
-def test_tensor_probe(op, arg, mutation):
+def _tensor_probe_inputs(op, arg, mutation):
     torch.manual_seed(0)  # fixed probes, so that the xfail lists are stable (the property tests draw freshly)
     spec = SPECS[op]
     kwargs = spec.make()
     kwargs[arg] = _mutations(spec, arg)[mutation](kwargs[arg])
+    return kwargs
+
+
+@pytest.mark.parametrize("backend,op,arg,mutation", _tensor_probes(), indirect=["backend"])
+def test_tensor_probe(backend, op, arg, mutation):
+    spec = SPECS[op]
+    kwargs = _tensor_probe_inputs(op, arg, mutation)
     must_error = mutation in NONFINITE and (arg, mutation) not in spec.defined_nonfinite
     named = tuple(spec.tensor_args) if mutation in MISMATCH else arg
     if mutation in ("non-contiguous", "stride-0"):  # layout must not change the answer: the same op on a copy
         call = spec.call
         spec = OpSpec(**{**spec.__dict__, "reference_in_float64": False, "reference": lambda **kw: call(
             **{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})})
-    OUTCOMES[f"{op}-{arg}-{mutation}"] = _outcome(spec, kwargs, named, must_error)
+    OUTCOMES[f"{backend}-{op}-{arg}-{mutation}"] = _outcome(spec, kwargs, named, must_error)
 
 
 @pytest.mark.parametrize("op,arg,value", _scalar_probes())
-def test_scalar_probe(op, arg, value):
+def test_scalar_probe(backend, op, arg, value):
     spec = SPECS[op]
     kwargs = spec.make()
     kwargs[arg] = value
-    OUTCOMES[f"{op}-{arg}-{value!r}"] = _outcome(spec, kwargs, arg, must_error=True)
+    OUTCOMES[f"{backend}-{op}-{arg}-{value!r}"] = _outcome(spec, kwargs, arg, must_error=True)
 
 
 # ---- index and layout probes that need the op's semantics ----
@@ -392,14 +387,59 @@ _INDEX_OPS = {"ms_deform_attn": "ms_deform_attn", "linear_sum_assignment": "line
 
 
 @pytest.mark.parametrize("pid", list(INDEX_PROBES))
-def test_index_probe(pid):
+def test_index_probe(backend, pid):
     op = pid.split("-")[0]
     arg, make = INDEX_PROBES[pid]
     spec = SPECS[op]
     kwargs = make()
     # sinkhorn with 0 iterations has a right answer (the plain normalisation); the rest have none
     must_error = pid not in ("sinkhorn_knopp-zero-iterations",)
-    OUTCOMES[pid] = _outcome(spec, kwargs, arg, must_error)
+    OUTCOMES[f"{backend}-{pid}"] = _outcome(spec, kwargs, arg, must_error)
+
+
+# ---- the same outcome on every backend ----
+
+# Extreme finite values are numerics, not validation: a backend may give the right answer where another reports
+# an overflow (each is still held to "right answer or clear error" above).
+EXTREME = {"1e38", "-1e38", "all-1e38", "subnormal"}
+
+
+def _error_of(call, kwargs):
+    try:
+        call(**kwargs)
+    except Exception as e:  # noqa: BLE001 — the type is part of what must agree
+        return type(e).__name__, str(e)
+    return None
+
+
+def _identity_probes():
+    out = []
+    for op, spec in SPECS.items():
+        for arg in spec.tensor_args:
+            for mutation in MUTATION_NAMES:
+                if mutation not in EXTREME and _applies(op, arg, mutation):
+                    out.append(pytest.param(op, lambda op=op, arg=arg, mutation=mutation: _tensor_probe_inputs(
+                        op, arg, mutation), id=f"{op}-{arg}-{mutation}"))
+        for arg, values in spec.scalar_args.items():
+            for value in values:
+                out.append(pytest.param(op, lambda op=op, arg=arg, value=value: {**SPECS[op].make(), arg: value},
+                                        id=f"{op}-{arg}-{value!r}"))
+    for pid, (_, make) in INDEX_PROBES.items():
+        out.append(pytest.param(pid.split("-")[0], make, id=pid))
+    return out
+
+
+@pytest.mark.parametrize("op,make", _identity_probes())
+def test_same_error_on_every_backend(op, make):
+    """Issue 16 §3: each probe raises the same exception type with the same message on every backend available
+    (kernel, reference, fallback without the compiled module), or succeeds on all of them."""
+    outcomes = {}
+    for name in available_backends():
+        torch.manual_seed(0)
+        kwargs = make()
+        with running_on(name):
+            outcomes[name] = _error_of(SPECS[op].call, kwargs)
+    assert len(set(outcomes.values())) == 1, outcomes
 
 
 def test_hungarian_matcher_bad_outputs():
@@ -480,5 +520,5 @@ def _print_probe_counts():
     """After this file's tests: how many probes passed, and how (docs/reliability.md quotes the numbers)."""
     yield
     counts = collections.Counter(OUTCOMES.values())
-    by_op = collections.Counter(pid.split("-")[0] for pid in OUTCOMES)
+    by_op = collections.Counter(pid.split("-")[1] for pid in OUTCOMES if pid.split("-")[0] in BACKENDS)
     print(f"\nrobustness probes passed: {len(OUTCOMES)} ({dict(counts)}); per op: {dict(by_op)}")

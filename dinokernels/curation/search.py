@@ -11,8 +11,9 @@ faiss GPU indexes are used when faiss reports GPUs (`faiss.get_num_gpus() > 0`, 
 
 Fallback without faiss (or with DINOKERNELS_CURATION_BACKEND=torch, or backend="torch"): exact search with
 chunked matrix products and top-k in torch (k = 1 goes through the package's `nearest_neighbors` kernel, which
-never forms the similarity matrix), and spherical k-means (Lloyd) assigning through the same kernel. The
-fallback is exact, so its cost is O(queries × database): fine for tens of thousands of images, not for millions.
+never forms the similarity matrix), and spherical k-means (k-means++ seeding, Lloyd iterations) assigning through
+the same kernel. The fallback is exact, so its cost is O(queries × database): fine for tens of thousands of
+images, not for millions.
 """
 import math
 import os
@@ -26,6 +27,7 @@ __all__ = ["BACKEND_ENV", "EXACT_MAX", "SearchResult", "available_backend", "nor
 
 BACKEND_ENV = "DINOKERNELS_CURATION_BACKEND"  # "faiss", "torch" or "auto" (default)
 EXACT_MAX = 20_000  # database rows up to which search is exact (a flat index)
+KMEANS_PP_MAX = 4096  # k-means++ seeding up to this many clusters
 _CHUNK_BYTES = 128 << 20  # similarity block of the torch fallback
 
 
@@ -271,7 +273,8 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 0, backend: str = "auto", 
            threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Spherical k-means (unit centroids, inner-product assignment) of x (N, D) → (centroids (k, D),
     assignment (N,) int64, info). Trained on at most max_points_per_centroid · k rows (a seeded sample), then
-    every row is assigned. faiss.Kmeans, or Lloyd iterations in torch without faiss."""
+    every row is assigned. faiss.Kmeans, or Lloyd iterations in torch without faiss; both seeded by k-means++ up
+to KMEANS_PP_MAX clusters."""
     a = _as_matrix(x, "x")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k (clusters) must be a positive integer, got {k!r}")
@@ -286,9 +289,13 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 0, backend: str = "auto", 
         if threads:
             faiss.omp_set_num_threads(int(threads))
         km = faiss.Kmeans(a.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True,
-                          max_points_per_centroid=int(max_points_per_centroid), gpu=faiss.get_num_gpus() > 0,
+                          max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1,
+                          gpu=faiss.get_num_gpus() > 0,
                           verbose=False)
-        km.train(sample)
+        # k-means++ seeding (faiss seeds at random, which leaves separated clusters merged and split); skipped
+        # for very many clusters, where its O(sample · k) passes cost more than the training.
+        init = _kmeans_pp(sample, int(k), rng) if k <= KMEANS_PP_MAX else None
+        km.train(sample, init_centroids=init)
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     else:
         centroids = _torch_kmeans(sample, int(k), int(niter), rng)
@@ -296,15 +303,31 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 0, backend: str = "auto", 
     return centroids, assignment, {"backend": which, "k": int(k), "trained_on": int(rows), "niter": int(niter)}
 
 
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on the sphere: each next centre drawn with probability ∝ 1 − (best cosine so far)."""
+    import torch
+
+    xt = torch.from_numpy(x)
+    chosen = [int(rng.integers(x.shape[0]))]
+    best = (xt @ xt[chosen[0]]).numpy().astype(np.float64)
+    for _ in range(1, k):
+        weight = np.clip(1.0 - best, 0.0, None)
+        total = weight.sum()
+        nxt = int(rng.choice(x.shape[0], p=weight / total)) if total > 0 else int(rng.integers(x.shape[0]))
+        chosen.append(nxt)
+        best = np.maximum(best, (xt @ xt[nxt]).numpy())
+    return x[chosen].copy()
+
+
 def _torch_kmeans(x: np.ndarray, k: int, niter: int, rng: np.random.Generator) -> np.ndarray:
-    centroids = x[np.sort(rng.choice(x.shape[0], k, replace=False))].copy()
+    centroids = _kmeans_pp(x, k, rng)
     for _ in range(niter):
         assignment = assign_clusters(x, centroids, backend="torch")
         sums = np.zeros_like(centroids, dtype=np.float64)
         np.add.at(sums, assignment, x)
         counts = np.bincount(assignment, minlength=k)
         empty = np.flatnonzero(counts == 0)
-        if empty.size:  # re-seed empty clusters with random points (as faiss splits large ones)
+        if empty.size:  # re-seed empty clusters with random points
             sums[empty] = x[rng.choice(x.shape[0], empty.size, replace=False)]
         centroids = normalize_rows(sums.astype(np.float32))
     return centroids

@@ -4,9 +4,10 @@
 
 * a checkpoint written by `dinokernels pretrain` (DINO or DINOv2; its config rebuilds the model, `which` picks
   teacher or student; `eval.loading.load_backbone` does the work);
-* an official DINOv2 weight file (`dinov2_vits14_pretrain.pth`, `_reg4_`, ViT-g with SwiGLU; block-chunked layouts
-  and the `{"teacher": {"backbone.*", "dino_head.*"}}` training layout too): the architecture is read off the
-  tensor shapes, the interpolation settings are the hub's (SPEC §3.1);
+* an official DINOv2 weight file (`dinov2_vits14_pretrain.pth`, `_reg4_`, ViT-g with SwiGLU; block-chunked layouts,
+  the `{"teacher": {"backbone.*", "dino_head.*"}}` layout of teacher_checkpoint.pth and the
+  `{"model": {"student.backbone.*", "teacher.backbone.*", …}}` layout of training checkpoints too): the
+  architecture is read off the tensor shapes, the interpolation settings are the hub's (SPEC §3.1);
 * an official DINO weight file (backbone or full checkpoint), architecture inferred as `eval.loading` does;
 * a transformers Dinov2Model / Dinov2WithRegistersModel directory (config.json + weights, never downloaded), or a
   transformers Dinov2 state dict saved as .pth / .safetensors.
@@ -374,6 +375,12 @@ def load_feature_model(ckpt: str, which: str = "teacher", device="cpu", num_head
                          f"student/model/state_dict entry; found {entries})")
     if entry == "teacher" and which == "student" or entry == "student" and which == "teacher":
         raise ValueError(f"checkpoint {path!r} has no {which!r} entry (only {entry!r})")
+    if any(k.startswith(which + ".backbone.") for k in sd):
+        # one dict holding both networks as `student.backbone.*` / `teacher.backbone.*` (DINOv2's training
+        # checkpoints model_*.rank_0.pth): keep the asked one
+        sd = {k[len(which) + 1:]: v for k, v in sd.items() if k.startswith(which + ".")}
+    elif any(k.startswith(("teacher.backbone.", "student.backbone.")) for k in sd):
+        raise ValueError(f"checkpoint {path!r} holds no {which}.backbone.* weights")
     keys = {_strip(k) for k in sd}
     try:
         if any(k.startswith(("dinov2." + _HF_MARK, _HF_MARK)) for k in keys):

@@ -50,6 +50,16 @@ def check_positive_float(op: str, arg: str, value):
         raise arg_error(op, arg, f"must be a positive finite number, got {value!r}")
 
 
+def check_temperature(op: str, arg: str, value, dtype: torch.dtype, numerator: int = 1):
+    """A positive finite temperature whose factor numerator/τ is finite in the arithmetic of `dtype`'s kernels
+    (float32 for every dtype but float64): the kernels' domain, checked before dispatch so that every backend
+    refuses the same temperatures (the C++ checks it again)."""
+    check_positive_float(op, arg, value)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if math.isinf(torch.tensor(numerator / value, dtype=compute).item()):
+        raise arg_error(op, arg, f"is too small for {str(compute)[6:]} ({numerator}/{arg} overflows), got {value!r}")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels: float64 for float64 input, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -116,10 +126,59 @@ def raise_if_nonfinite(op: str, arg: str, count: int):
         raise arg_error(op, arg, f"contains {count} non-finite value(s) (NaN or inf)")
 
 
+def nonfinite_count(t) -> int:
+    """How many NaN/inf entries `t` holds (0 for None and non-float tensors)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+        return 0
+    return int((~torch.isfinite(t.detach())).sum())
+
+
+def checks_values(device: torch.device) -> bool:
+    """Whether a reference path checks values now (level tables read back, finiteness): DINOKERNELS_CHECK_FINITE
+    for the device, the same policy as the kernels' in-pass checks, and never while torch.compile traces (the
+    checks read data back, which a full graph cannot; the kernels check inside their opaque custom ops)."""
+    return _config.check_finite(device.type) and not torch.compiler.is_compiling()
+
+
+def check_finite_inputs(op: str, tensors: dict):
+    """The reference backend's stand-in for a kernel's in-pass NaN/inf check, run before the reference: the same
+    error as the kernel's (raise_nonfinite_inputs without the overflow case). `tensors`: public name → tensor,
+    in the order the kernel names them; None entries are skipped."""
+    for name, t in tensors.items():
+        raise_if_nonfinite(op, name, nonfinite_count(t))
+
+
+def widened(tensors: dict):
+    """For a reference whose result came out non-finite: `tensors` (name → tensor) with the float ones in float64
+    when all are finite and one is narrower (the overflow was the compute dtype's, which the kernels avoid), so the
+    reference can rerun exactly; else None (the data itself is non-finite, or already float64)."""
+    floats = [t for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if all(t.dtype == torch.float64 for t in floats) or any(nonfinite_count(t) for t in floats):
+        return None
+    return {k: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for k, t in tensors.items()}
+
+
+def _cast_like(result, like):
+    if isinstance(result, torch.Tensor):
+        return result.to(like.dtype)
+    return type(like)(_cast_like(r, l) for r, l in zip(result, like))
+
+
+def run_reference(reference, inputs: dict, failed):
+    """reference(**inputs); when failed(result) (a non-finite result the kernels would report) and every input is
+    finite, the reference again in float64, cast back to the first result's dtypes: the reference's float32
+    arithmetic overflows on extreme but finite input where the kernels' does not. The caller checks the result."""
+    result = reference(**inputs)
+    if failed(result):
+        wide = widened(inputs)
+        if wide is not None:
+            result = _cast_like(reference(**wide), result)
+    return result
+
+
 def raise_nonfinite_inputs(op: str, tensors: dict, fallback: str):
     """A kernel reported a non-finite result: name the first input holding NaN/inf, or, when all inputs are
     finite (overflow), raise `fallback` against the first argument. Only runs on the error path."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            raise_if_nonfinite(op, name, int((~torch.isfinite(t)).sum()))
+    check_finite_inputs(op, tensors)
     raise arg_error(op, next(iter(tensors)), fallback)

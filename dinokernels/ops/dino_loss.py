@@ -7,6 +7,7 @@ Registered ops: dinokernels::soft_ce_forward / soft_ce_backward (ops/soft_ce.py)
 """
 from typing import Tuple, Union
 
+import torch
 from torch import Tensor
 
 from . import _dispatch as D
@@ -40,7 +41,7 @@ def _check(op: str, student_logits, teacher, teacher_name: str, student_temp):
         raise D.arg_error(op, "student_logits", f"has an empty batch (B=0), shape {tuple(student_logits.shape)}")
     if k < 1:
         raise D.arg_error(op, "student_logits", f"needs at least one class, got shape {tuple(student_logits.shape)}")
-    D.check_positive_float(op, "student_temp", student_temp)
+    D.check_temperature(op, "student_temp", student_temp, student_logits.dtype)
     return s, t, b, k
 
 
@@ -64,7 +65,15 @@ def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temp: float
     op = "dino_loss"
     s, t, b, _ = _check(op, student_logits, teacher_probs, "teacher_probs", student_temp)
     if D.use_reference("soft_ce_forward", student_logits.device):
-        return dino_loss_ref(student_logits, teacher_probs, student_temp)
+        def reference(student_logits, teacher_probs):
+            return dino_loss_ref(student_logits, teacher_probs, student_temp)
+
+        inputs = {"student_logits": student_logits, "teacher_probs": teacher_probs}
+        if not D.checks_values(student_logits.device):
+            return reference(**inputs)
+        loss = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r)))
+        soft_ce.check_loss(op, inputs, loss, student_temp)
+        return loss
     loss, _ = soft_ce.run(op, ("student_logits", "teacher_probs", "center", "weights"), student_logits,
                           teacher_probs, None, None, True, float(student_temp), 1.0, _scale(s, t, b))
     return loss
@@ -83,10 +92,24 @@ def dino_loss_centered(student_logits: Tensor, teacher_logits: Tensor, center: T
     op = "dino_loss_centered"
     s, t, b, k = _check(op, student_logits, teacher_logits, "teacher_logits", student_temp)
     check_center(op, center, k, student_logits)
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, student_logits.dtype, 2)
     if D.use_reference("soft_ce_forward", student_logits.device):
-        return dino_loss_centered_ref(student_logits, teacher_logits, center, teacher_temp, student_temp,
-                                      return_sum)
+        def reference(student_logits, teacher_logits, center):
+            return dino_loss_centered_ref(student_logits, teacher_logits, center, teacher_temp, student_temp,
+                                          return_sum)
+
+        inputs = {"student_logits": student_logits, "teacher_logits": teacher_logits, "center": center}
+        if not D.checks_values(student_logits.device):
+            return reference(**inputs)
+        def failed(result):
+            loss, teacher_sum = result if return_sum else (result, None)
+            return not bool(torch.isfinite(loss)) or (teacher_sum is not None and
+                                                      not bool(torch.isfinite(teacher_sum).all()))
+
+        result = D.run_reference(reference, inputs, failed)
+        loss, teacher_sum = result if return_sum else (result, None)
+        soft_ce.check_loss(op, inputs, loss, student_temp, teacher_sum)
+        return result
     loss, teacher_sum = soft_ce.run(op, ("student_logits", "teacher_logits", "center", "weights"), student_logits,
                                     teacher_logits, center, None, True, float(student_temp), float(teacher_temp),
                                     _scale(s, t, b), bool(return_sum))

@@ -37,12 +37,21 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, w
         raise D.arg_error(op, "weights", f"must have a floating-point dtype, got {weights.dtype}", TypeError)
     if k < 1:
         raise D.arg_error(op, "student_patch_logits", f"needs at least one class, got shape ({n}, {k})")
-    D.check_positive_float(op, "student_temp", student_temp)
+    D.check_temperature(op, "student_temp", student_temp, student_patch_logits.dtype)
     if n == 0:  # no masked token: zero loss, zero-size gradient
         zero = student_patch_logits.sum() * 0
         return zero.to(torch.float64 if student_patch_logits.dtype == torch.float64 else torch.float32)
     if D.use_reference("soft_ce_forward", student_patch_logits.device):
-        return ibot_patch_loss_ref(student_patch_logits, teacher_patch_probs, weights, student_temp)
+        def reference(student_patch_logits, teacher_patch_probs, weights):
+            return ibot_patch_loss_ref(student_patch_logits, teacher_patch_probs, weights, student_temp)
+
+        inputs = {"student_patch_logits": student_patch_logits, "teacher_patch_probs": teacher_patch_probs,
+                  "weights": weights}
+        if not D.checks_values(student_patch_logits.device):
+            return reference(**inputs)
+        loss = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r)))
+        soft_ce.check_loss(op, inputs, loss, student_temp)
+        return loss
     loss, _ = soft_ce.run(op, ("student_patch_logits", "teacher_patch_probs", "center", "weights"),
                           student_patch_logits[None], teacher_patch_probs[None], None, weights, False,
                           float(student_temp), 1.0, 1.0)

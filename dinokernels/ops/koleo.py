@@ -143,6 +143,8 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """
     _check_koleo("koleo_loss", x, eps)
     if D.use_reference("koleo_forward", x.device):
+        if D.checks_values(x.device):  # what the kernels check in their pass, with the same error
+            D.check_finite_inputs("koleo_loss", {"x": x})
         return koleo_loss_ref(x, eps)
     if x.device.type == "cpu" and x.dtype in D.HALF_DTYPES:
         x = x.float()
@@ -172,6 +174,16 @@ def _check_nn(op, x, y, exclude_self):
     if exclude_self and m < 2:
         raise D.arg_error(op, "y" if y is not None else "x",
                           f"needs at least 2 candidate rows when exclude_self=True, got {m}")
+
+
+def check_similarities(x: Tensor, y: Optional[Tensor], sim: Tensor):
+    """Every backend, on finite input: a similarity (N,) beyond the accumulation dtype's range is an overflow of
+    x·y (its exact value is not representable), blamed on the larger of x and y."""
+    if sim.numel() and not bool(torch.isfinite(sim).all()):
+        size = {name: float(t.detach().abs().max()) for name, t in (("x", x), ("y", y)) if t is not None}
+        blame = max(size, key=size.get)
+        raise D.arg_error("nearest_neighbors", blame, f"gives non-finite similarities (x·y overflows "
+                                                      f"{str(sim.dtype)[6:]}: entries up to {size[blame]:.3g})")
 
 
 @torch.library.custom_op("dinokernels::nearest_neighbors", mutates_args=())
@@ -207,6 +219,8 @@ def nearest_neighbors_op(x: Tensor, y: Optional[Tensor], exclude_self: bool) -> 
                                     index.data_ptr(), flag.data_ptr(), ws.data_ptr(), nbytes, device, stream)
         bad = int(flag.item()) if _config.check_finite("cuda") else 0  # the read-back syncs
     D.raise_if_nonfinite(op, "x" if y is None else "x' or 'y", bad)
+    if _config.check_finite(x.device.type):
+        check_similarities(x, y, sim)
     return sim, index
 
 
@@ -252,7 +266,14 @@ def nearest_neighbors(x: Tensor, y: Optional[Tensor] = None,
         exclude_self = y is None
     _check_nn("nearest_neighbors", x, y, exclude_self)
     if D.use_reference("nearest_neighbors", x.device):
-        return nearest_neighbors_ref(x, y, exclude_self)
+        if not D.checks_values(x.device):
+            return nearest_neighbors_ref(x, y, exclude_self)
+        # the kernels' in-pass check counts x and y together
+        D.raise_if_nonfinite("nearest_neighbors", "x" if y is None else "x' or 'y",
+                             D.nonfinite_count(x) + D.nonfinite_count(y))
+        sim, index = nearest_neighbors_ref(x, y, exclude_self)
+        check_similarities(x, y, sim)
+        return sim, index
     if x.device.type == "cpu" and x.dtype in D.HALF_DTYPES:
         x = x.float()
         y = None if y is None else y.float()

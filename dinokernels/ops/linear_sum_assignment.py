@@ -7,8 +7,9 @@ from torch import Tensor
 
 from .. import _ext
 from . import _dispatch as D
+from .linear_sum_assignment_ref import linear_sum_assignment_ref
 
-__all__ = ["linear_sum_assignment", "linear_sum_assignment_padded"]
+__all__ = ["linear_sum_assignment", "linear_sum_assignment_padded", "linear_sum_assignment_ref"]
 
 _CUDA_LSA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -107,7 +108,9 @@ def _solve(cost: Tensor, num_rows, num_cols, maximize: bool):
     if maximize:
         c = -c
     device = c.device
-    rows, cols, status = linear_sum_assignment_op(c.contiguous(), rows_n.to(device), cols_n.to(device))
+    # Both backends return the same status codes, so the errors below are the same on each.
+    solve = linear_sum_assignment_ref if D.use_reference(op, device) else linear_sum_assignment_op
+    rows, cols, status = solve(c.contiguous(), rows_n.to(device), cols_n.to(device))
     status = status.cpu()
     if bool((status != 0).any()):
         b = int((status != 0).nonzero()[0, 0])
@@ -140,7 +143,9 @@ def linear_sum_assignment(cost: Tensor, num_rows=None, num_cols=None,
     scipy's own, so continuous costs give scipy's assignment). +inf marks a forbidden pair; NaN and −inf (and a
     problem left without a complete assignment: "infeasible") raise ValueError naming the problem. CPU: float32,
     float64 (integer and 16-bit costs are converted), problems over OpenMP threads; CUDA: float32, float64,
-    float16, bfloat16, all problems in one launch. Potentials in float64 on both. No gradient.
+    float16, bfloat16, all problems in one launch. Potentials in float64 on both. The reference backend (and the
+    fallback without the compiled module) solves in pure PyTorch (linear_sum_assignment_ref): same totals, same
+    errors. No gradient.
     """
     rows, cols, counts, single = _solve(cost, num_rows, num_cols, maximize)
     out = [(rows[b, :k], cols[b, :k]) for b, k in enumerate(counts.tolist())]

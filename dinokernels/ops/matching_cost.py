@@ -94,6 +94,21 @@ def _check(op, pred_logits, pred_boxes, tgt_boxes, positive_map, tgt_counts, wei
     return counts
 
 
+def _check_finite(op, pred_logits, pred_boxes, tgt_boxes, counts):
+    """A NaN logit, or NaN/inf in a predicted box or a valid target box (padding past tgt_counts is never read),
+    has no cost a matching could use: the same error on every backend, before dispatch (the kernels do not check).
+    ±inf logits are defined (probability 1 or 0, a finite focal cost)."""
+    nan_logits = int(torch.isnan(pred_logits.detach()).sum()) if pred_logits.numel() else 0
+    if nan_logits:
+        raise D.arg_error(op, "pred_logits", f"contains {nan_logits} NaN value(s)")
+    D.check_finite_inputs(op, {"pred_boxes": pred_boxes, "tgt_boxes": tgt_boxes[_valid_targets(tgt_boxes, counts)]})
+
+
+def _valid_targets(tgt_boxes, counts):
+    """(B, G) bool: g < tgt_counts[b]."""
+    return torch.arange(tgt_boxes.shape[1], device=tgt_boxes.device) < counts.to(tgt_boxes.device)[:, None]
+
+
 def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, positive_map: Tensor,
                   tgt_counts=None, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                   alpha: float = 0.25, gamma: float = 2.0, pad_value: float = math.inf) -> Tensor:
@@ -108,10 +123,10 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, po
     with p = σ(logit), pos = α(1−p)^γ(−log(p + 1e-8)), neg = (1−α)p^γ(−log(1 − p + 1e-8)): the Open-GroundingDino
     / HF cost (SPEC §6.2), whose class weight is 1.0 (mmdetection's summed variant uses 2.0; pass cost_class).
     A target with an all-zero map has class cost 0. GIoU as dinokernels.ops.generalized_box_iou (no eps, 0/0 := 0).
-    Columns g ≥ tgt_counts[b] hold pad_value (+inf: never a valid choice). NaN/inf logits are not checked here: the
-    CPU kernel reads only the tokens some valid target uses (a NaN elsewhere does not reach the cost), while the CUDA
-    kernel and the reference read every token (a NaN logit makes its query's row NaN); HungarianMatcher rejects
-    non-finite predictions on every device. No gradient (matching runs under no_grad; the
+    Columns g ≥ tgt_counts[b] hold pad_value (+inf: never a valid choice). ±inf logits are probabilities 1 and 0;
+    a NaN logit, and NaN/inf in pred_boxes or a valid target box, raise ValueError naming the argument on every
+    backend (DINOKERNELS_CHECK_FINITE: on the CPU by default, on CUDA only with =1, as it costs a sync; unchecked, a
+    NaN logit can make its query's row NaN). No gradient (matching runs under no_grad; the
     inputs are detached). CPU: float32/float64 (result in float64 for float64 logits, else float32; 16-bit
     input upcast); CUDA: float32/float16/bfloat16 logits, float32 arithmetic and result (float64 is downcast).
     """
@@ -120,7 +135,11 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, po
     counts = _check(op, pred_logits, pred_boxes, tgt_boxes, positive_map, tgt_counts, weights, alpha, gamma)
     if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or math.isnan(pad_value):
         raise D.arg_error(op, "pad_value", f"must be a number (inf allowed), got {pad_value!r}")
+    if D.checks_values(pred_logits.device):
+        _check_finite(op, pred_logits, pred_boxes, tgt_boxes, counts)
     if D.use_reference(op, pred_logits.device):
+        # Padding past tgt_counts is never read by the kernels: zero boxes there, so that garbage cannot raise.
+        tgt_boxes = torch.where(_valid_targets(tgt_boxes, counts)[..., None], tgt_boxes, torch.zeros_like(tgt_boxes))
         return matching_cost_ref(pred_logits, pred_boxes, tgt_boxes, positive_map, counts, cost_class, cost_bbox,
                                  cost_giou, alpha, gamma, pad_value)
     device = pred_logits.device

@@ -23,6 +23,7 @@ __all__ = ["ms_deform_attn", "ms_deform_attn_ref", "ms_deform_attn_gather_ref", 
 
 MAX_LEVELS = 8
 MAX_POINTS = 16
+MAX_SIDE = 1 << 23  # largest H or W of a level (csrc kMaxSide): float32 x·W − 0.5 is exact up to there
 _OP = "ms_deform_attn"
 
 
@@ -32,16 +33,27 @@ def _sizes(value: Tensor, sampling_locations: Tensor):
     return n, s, m, d, lq, levels, points
 
 
-def _host_levels(spatial_shapes: Tensor, level_start_index: Tensor):
-    """The level table as contiguous int64 CPU tensors (the kernels read it on the host), values checked."""
-    shapes = spatial_shapes.detach().to("cpu", torch.int64).contiguous()
-    starts = level_start_index.detach().to("cpu", torch.int64).contiguous()
+def _check_level_values(shapes: Tensor, starts: Tensor):
+    """The level table's values, shapes (L, 2) and starts (L,) int64 on the CPU: the one check of every backend
+    (the kernel path runs it inside the ops, where the table is read anyway; the reference before it runs)."""
     if (shapes < 1).any():
         raise D.arg_error(_OP, "spatial_shapes", f"must hold positive (H, W) per level, got {shapes.tolist()}")
+    for level, (h, w) in enumerate(shapes.tolist()):
+        if h > MAX_SIDE or w > MAX_SIDE:  # the C++ check's message, so that both layers agree
+            raise D.arg_error(_OP, "spatial_shapes", f"level {level} has (H, W) = ({h}, {w}); each must be in "
+                                                     f"[1, 2^23] (float32 sampling coordinates lose the half-pixel "
+                                                     f"offset beyond)")
     expected = torch.cumsum(shapes[:, 0] * shapes[:, 1], 0) - shapes[:, 0] * shapes[:, 1]
     if not torch.equal(starts, expected):
         raise D.arg_error(_OP, "level_start_index", f"must be the exclusive prefix sum of H·W over spatial_shapes "
                                                     f"({expected.tolist()}), got {starts.tolist()}")
+
+
+def _host_levels(spatial_shapes: Tensor, level_start_index: Tensor):
+    """The level table as contiguous int64 CPU tensors (the kernels read it on the host), values checked."""
+    shapes = spatial_shapes.detach().to("cpu", torch.int64).contiguous()
+    starts = level_start_index.detach().to("cpu", torch.int64).contiguous()
+    _check_level_values(shapes, starts)
     return shapes, starts
 
 
@@ -49,6 +61,18 @@ def _check_total(shapes: Tensor, s: int):
     total = int((shapes[:, 0] * shapes[:, 1]).sum())
     if total != s:
         raise D.arg_error(_OP, "value", f"has S={s} rows, but spatial_shapes {shapes.tolist()} hold Σ H·W = {total}")
+
+
+def _raise_nonfinite(inputs: dict):
+    """Every backend's error for a non-finite output: the first input holding NaN/inf, else an overflow of
+    Σ a·bilinear(value), blamed on the larger of max |value| and max |attention_weights| (bilinear weights are ≤ 1).
+    Only runs on the error path."""
+    D.check_finite_inputs(_OP, inputs)
+    size = {name: float(inputs[name].detach().abs().max()) if inputs[name].numel() else 0.0
+            for name in ("value", "attention_weights")}
+    blame = max(size, key=size.get)
+    raise D.arg_error(_OP, blame, f"gives a non-finite output (overflow in the output dtype: entries up to "
+                                  f"{size[blame]:.3g})")
 
 
 def _location_dtype(value: Tensor, sampling_locations: Tensor) -> torch.dtype:
@@ -110,9 +134,8 @@ def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_in
                                                    torch.isfinite(sampling_locations).all() &
                                                    torch.isfinite(attention_weights).all())
     if bad and _config.check_finite(value.device.type):
-        D.raise_nonfinite_inputs(_OP, {"value": value, "sampling_locations": sampling_locations,
-                                       "attention_weights": attention_weights},
-                                 "gives a non-finite output (overflow in the output dtype?)")
+        _raise_nonfinite({"value": value, "sampling_locations": sampling_locations,
+                          "attention_weights": attention_weights})
     return output
 
 
@@ -221,6 +244,34 @@ def _check_public(value, spatial_shapes, level_start_index, sampling_locations, 
                                                    f"{tuple(attention_weights.shape)}")
 
 
+def _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The reference backend with the kernel path's value checks: the level table always (the reference reads it
+    anyway), NaN/inf in locations and weights before, and a non-finite output after (DINOKERNELS_CHECK_FINITE),
+    with the kernels' errors. 16-bit CPU input is computed in float32, as the CPU kernel does."""
+    inputs = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    if not torch.compiler.is_compiling():
+        shapes = spatial_shapes.detach().to("cpu", torch.int64)
+        _check_level_values(shapes, level_start_index.detach().to("cpu", torch.int64))
+        _check_total(shapes, value.shape[1])
+    checked = D.checks_values(value.device)
+    if checked and (D.nonfinite_count(sampling_locations) or D.nonfinite_count(attention_weights)):
+        D.check_finite_inputs(_OP, inputs)  # names the first input holding NaN/inf, value included, as the kernels
+
+    def reference(value, sampling_locations, attention_weights):
+        if value.device.type == "cpu" and value.dtype in D.HALF_DTYPES:
+            value = value.float()
+        # grid_sample needs the grid in the value's dtype
+        return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations.to(value.dtype),
+                                  attention_weights.to(value.dtype))
+
+    if not checked:
+        return reference(**inputs).to(value.dtype)
+    out = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r).all()))
+    if not bool(torch.isfinite(out).all()):
+        _raise_nonfinite(inputs)
+    return out.to(value.dtype)
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention, Deformable-DETR layout.
@@ -241,9 +292,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     """
     _check_public(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if D.use_reference("ms_deform_attn_forward", value.device):
-        # grid_sample needs the grid in the value's dtype
-        return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations.to(value.dtype),
-                                  attention_weights.to(value.dtype))
+        return _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     out_dtype = value.dtype
     if value.device.type == "cpu":
         if value.dtype not in D.CPU_DTYPES:

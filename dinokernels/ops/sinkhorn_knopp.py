@@ -16,7 +16,7 @@ def _check(op, teacher_logits, teacher_temp, n_iterations):
     D.check_tensor(op, "teacher_logits", teacher_logits, 2, "(N, K)")
     if teacher_logits.shape[1] < 1:
         raise D.arg_error(op, "teacher_logits", f"needs at least one column, got shape {tuple(teacher_logits.shape)}")
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, teacher_logits.dtype)
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise D.arg_error(op, "n_iterations", f"must be an integer >= 1, got {n_iterations!r}")
 
@@ -104,8 +104,21 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     op = "sinkhorn_knopp"
     _check(op, teacher_logits, teacher_temp, n_iterations)
     group = distributed_world(process_group)
+    if group is None and teacher_logits.shape[0] == 0:  # across ranks one rank may hold none
+        raise D.arg_error(op, "teacher_logits", "has no rows: Sinkhorn-Knopp needs at least one sample")
     if D.use_reference(op, teacher_logits.device):
-        return sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations, process_group)
+        def reference(teacher_logits):
+            return sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations, process_group)
+
+        if not D.checks_values(teacher_logits.device):
+            return reference(teacher_logits)
+        # The kernels check their scalings; a non-finite scaling makes its row or column of the output so.
+        inputs = {"teacher_logits": teacher_logits}
+        out = D.run_reference(reference, inputs, lambda r: not bool(torch.isfinite(r).all()))
+        if not bool(torch.isfinite(out).all()):
+            D.raise_nonfinite_inputs(op, inputs, "gives non-finite scalings" + (
+                "" if group is None else " (is the global batch empty?)"))
+        return out
     z = teacher_logits.detach()
     if z.device.type == "cpu" and z.dtype in D.HALF_DTYPES:
         z = z.float()

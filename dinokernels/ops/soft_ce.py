@@ -50,6 +50,31 @@ def _check_inputs(op: str, student: Tensor, teacher: Tensor, center: Optional[Te
     return s, teacher.shape[0], b, k
 
 
+def _absmax(t: Optional[Tensor]) -> float:
+    return float(t.detach().abs().max()) if t is not None and t.numel() else 0.0
+
+
+def check_loss(public_op: str, inputs: dict, loss: Tensor, student_temp: float, teacher_sum: Optional[Tensor] = None):
+    """The finiteness check of every backend, on the result: a non-finite loss (or teacher logit sum (K,)) names
+    the first of `inputs` holding NaN/inf. `inputs`: public name → tensor in the order student, teacher, then
+    'center' (teacher logits) or 'weights' when given. With finite inputs it is an overflow, blamed on the largest
+    of the factors each term multiplies: |z|/τ_s of the student, the targets (unless they are softmaxed logits) and
+    the weights. Only runs on the error path."""
+    if bool(torch.isfinite(loss)) and (teacher_sum is None or bool(torch.isfinite(teacher_sum).all())):
+        return
+    D.check_finite_inputs(public_op, inputs)
+    names = list(inputs)
+    if not bool(torch.isfinite(loss)):
+        student, teacher, logits = names[0], names[1], "center" in inputs
+        factors = {student: _absmax(inputs[student]) / student_temp,
+                   teacher: 0.0 if logits else _absmax(inputs[teacher]), "weights": _absmax(inputs.get("weights"))}
+        blame = max(factors, key=factors.get)
+        raise D.arg_error(public_op, blame, "gives a non-finite loss (overflow: is student_temp tiny?)" if
+                          blame == student else f"gives a non-finite loss (overflow: entries up to "
+                                                f"{factors[blame]:.3g})")
+    raise D.arg_error(public_op, names[1], "gives a non-finite column sum for the center update (overflow)")
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -102,11 +127,9 @@ def soft_ce_forward(student: Tensor, teacher: Tensor, center: Optional[Tensor], 
                 _ext.kernel("softmax_center_column_sum", "cuda")(teacher.data_ptr(), D.dtype_code(teacher.dtype),
                                                                  t * b, k, teacher_sum.data_ptr(), device, stream)
     if _config.check_finite(student.device.type):  # inside the op: torch.compile sees no data-dependent branch
-        ok = bool(torch.isfinite(loss)) and (not return_teacher_sum or bool(torch.isfinite(teacher_sum).all()))
-        if not ok:
-            public_op, *names = arg_names.split(",")
-            D.raise_nonfinite_inputs(public_op, dict(zip(names, (student, teacher, center, weights))),
-                                     "gives a non-finite loss (overflow: is student_temp tiny?)")
+        public_op, *names = arg_names.split(",")
+        inputs = {name: t for name, t in zip(names, (student, teacher, center, weights)) if t is not None}
+        check_loss(public_op, inputs, loss, student_temp, teacher_sum if return_teacher_sum else None)
     return loss, student_stats, target_sum, teacher_stats, teacher_sum, grad_student
 
 

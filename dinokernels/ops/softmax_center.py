@@ -24,12 +24,23 @@ def check_center(op: str, center, k: int, like: Tensor):
         raise D.arg_error(op, "center", f"must have a floating-point dtype, got {center.dtype}", TypeError)
 
 
+def nonfinite_rows(result, return_sum: bool) -> int:
+    """The reference backend's form of the kernel's finiteness check, on softmax_center's result (probs (N, K), or
+    (probs, column_sum (K,)) with return_sum): how many rows of probs are not finite (NaN, +inf, a row of −inf), or
+    1 when only the column sum is (a −inf logit, when the center update is asked for)."""
+    probs, column_sum = result if return_sum else (result, None)
+    bad = int((~torch.isfinite(probs)).any(dim=-1).sum()) if probs.numel() else 0
+    if column_sum is not None and not bool(torch.isfinite(column_sum).all()):
+        bad = bad or 1
+    return bad
+
+
 def _check(op, teacher_logits, center, teacher_temp):
     D.check_tensor(op, "teacher_logits", teacher_logits, 2, "(N, K)")
     if teacher_logits.shape[1] < 1:
         raise D.arg_error(op, "teacher_logits", f"needs at least one column, got shape {tuple(teacher_logits.shape)}")
     check_center(op, center, teacher_logits.shape[1], teacher_logits)
-    D.check_positive_float(op, "teacher_temp", teacher_temp)
+    D.check_temperature(op, "teacher_temp", teacher_temp, teacher_logits.dtype, 2)
 
 
 @torch.library.custom_op("dinokernels::softmax_center", mutates_args=())
@@ -104,7 +115,17 @@ def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float,
     op = "softmax_center"
     _check(op, teacher_logits, center, teacher_temp)
     if D.use_reference(op, teacher_logits.device):
-        return softmax_center_ref(teacher_logits, center, teacher_temp, return_sum)
+        def reference(teacher_logits, center):
+            return softmax_center_ref(teacher_logits, center, teacher_temp, return_sum)
+
+        inputs = {"teacher_logits": teacher_logits, "center": center}
+        if not D.checks_values(teacher_logits.device):
+            return reference(**inputs)
+        result = D.run_reference(reference, inputs, lambda r: nonfinite_rows(r, return_sum) > 0)
+        bad = nonfinite_rows(result, return_sum)
+        if bad:
+            D.raise_nonfinite_inputs(op, inputs, f"gives {bad} row(s) of non-finite statistics")
+        return result
     z = teacher_logits.detach()
     if z.device.type == "cpu" and z.dtype in D.HALF_DTYPES:
         z = z.float()

@@ -44,6 +44,26 @@ def _range_problems(config) -> list:
     return problems
 
 
+def _fsdp_problems(config) -> list:
+    """Settings that FSDP cannot train with, or FSDP settings without fsdp."""
+    problems = []
+    if config.fsdp_mixed_precision not in ("auto", "none", "bf16", "fp16"):
+        problems.append(f"fsdp_mixed_precision must be auto, none, bf16 or fp16, got {config.fsdp_mixed_precision!r}")
+    if not config.fsdp:
+        if config.fsdp_mixed_precision != "auto":
+            problems.append("fsdp_mixed_precision needs fsdp (without FSDP, --precision sets autocast)")
+        return problems
+    if config.precision in ("bf16", "fp16"):
+        problems.append(f"precision {config.precision} (autocast) cannot be combined with fsdp: use "
+                        f"fsdp_mixed_precision {config.precision} (FSDP computes in that dtype itself)")
+    if config.optimizer == "lars":
+        problems.append("optimizer lars cannot be combined with fsdp (its per-tensor trust ratio needs whole "
+                        "tensors); use adamw or sgd")
+    if config.use_bn_in_head:
+        problems.append("use_bn_in_head cannot be combined with fsdp (batch norm is synchronised under DDP only)")
+    return problems
+
+
 @dataclass
 class PretrainConfig:
     """One DINO pretraining run. The defaults are the official ones (real data, 8 GPUs × 64 images); the built-in
@@ -140,6 +160,10 @@ class PretrainConfig:
     highres_global_size: int = 518
     distill_teacher: Optional[str] = None  # distillation: frozen teacher weights (file or transformers folder)
     distill_teacher_arch: Optional[str] = None  # its architecture (hub name such as dinov2_vitb14, or an arch)
+    # ---- FSDP (torch.distributed.fsdp.fully_shard) instead of DDP: student and teacher sharded per block ----
+    fsdp: bool = False
+    # gathered-parameter dtype: auto (bf16 on CUDA, none on the CPU) | none | bf16 | fp16 (with loss scaling)
+    fsdp_mixed_precision: str = "auto"
 
     def __post_init__(self):
         self.global_crops_scale = tuple(float(v) for v in self.global_crops_scale)
@@ -217,6 +241,7 @@ class PretrainConfig:
                     problems.append(f"method dinov2 needs crop sides that are multiples of the patch size "
                                     f"{self.patch_size}: {name} is {getattr(self, name)}")
         problems += _range_problems(self)
+        problems += _fsdp_problems(self)
         if self.distill_teacher and self.method != "dinov2":
             problems.append("distill_teacher needs method dinov2")
         if self.distill_teacher and not self.distill_teacher_arch and not os.path.isdir(self.distill_teacher):
@@ -258,6 +283,8 @@ class PretrainConfig:
     def resolved_precision(self) -> str:
         if self.precision != "auto":
             return self.precision
+        if self.fsdp:  # FSDP's own mixed-precision policy (fsdp_mixed_precision) replaces autocast
+            return "fp32"
         return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
 
     def resolved_num_workers(self) -> int:

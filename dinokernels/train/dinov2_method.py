@@ -218,8 +218,12 @@ class DINOv2Method(nn.Module):
     def update_teacher(self, momentum: float) -> None:
         """EMA of the student into the teacher (self-distillation), or into student_ema (distillation: the
         frozen teacher does not move)."""
+        from .ema import local_shards
+
         target = self.student_ema if self.distillation else self.teacher
-        for p_t, p_s in zip(target.parameters(), self.student.parameters()):
+        # under FSDP each rank updates its shards: the EMA of the shards is the shard of the EMA
+        for p_t, p_s in zip(*local_shards(list(target.parameters()), list(self.student.parameters()),
+                                          "update_teacher")):
             p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
 
     def final_backbone(self) -> nn.Module:
@@ -228,12 +232,24 @@ class DINOv2Method(nn.Module):
 
     def clip_gradients(self, clip: float) -> Dict[str, float]:
         """Clips each sub-module (backbone, dino_head, ibot_head) to norm `clip` separately (SPEC §3.8); returns
-        their norms before clipping."""
+        their norms before clipping. FSDP-sharded gradients are clipped by the norm over every rank's shards (one
+        all-reduce for all sub-modules; every rank must call this)."""
+        from .distributed import global_grad_norms, is_sharded, local_part
+
+        grads = {name: [p.grad for p in module.parameters() if p.grad is not None]
+                 for name, module in self.student.items()}
+        grads = {name: g for name, g in grads.items() if g}
+        if not any(is_sharded(g) for group in grads.values() for g in group):
+            return {name: float(torch.nn.utils.clip_grad_norm_([p for p in self.student[name].parameters()
+                                                                 if p.grad is not None], clip))
+                    for name in grads}
+        totals = global_grad_norms(list(grads.values()))
         norms = {}
-        for name, module in self.student.items():
-            params = [p for p in module.parameters() if p.grad is not None]
-            if params:
-                norms[name] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        for (name, group), total in zip(grads.items(), totals):
+            coef = min(clip / (float(total) + 1e-6), 1.0)  # as clip_grad_norm_: scale when the norm exceeds clip
+            for g in group:
+                local_part(g).mul_(coef)
+            norms[name] = float(total)
         return norms
 
 

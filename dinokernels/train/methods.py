@@ -5,6 +5,9 @@ checkpoints and resume, progress, logs, DDP and the report.
 
 * DINOMethod — DINO v1 (SPEC §2): MultiCropWrapper student/teacher under DDP, the fused centered DINO loss,
   linear lr scaling per 256 images, per-tensor clipping, last layer frozen by epoch.
+* With config.fsdp both shard student and teacher with FSDP instead (dinokernels.train.distributed.shard_model):
+  per transformer block and per sub-module, the student keeping gathered weights from forward to backward, the
+  teacher freeing them after its forward; checkpoints hold the full (unsharded) state dicts.
 * DINOv2Method (the `dinov2` method) — DINOv2 (SPEC §3): dinokernels.train.dinov2_method.DINOv2Method (DINO + iBOT +
   KoLeo on the kernels), iBOT block masking in the loop's collate, layer-wise lr decay, per-iteration teacher
   temperature, last layer frozen by iterations, per-sub-module clipping, gradients averaged across processes.
@@ -15,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import PretrainConfig
-from .distributed import get_world_size, is_distributed, wrap_ddp
+from .distributed import (broadcast_from_rank0, fsdp_mixed_precision_dtype, full_state_dict, get_world_size,
+                          is_distributed, is_main_process, load_full_state_dict, shard_model, wrap_ddp)
 from .ema import ema_update, unwrap
 from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .schedules import cosine_scheduler
@@ -39,14 +43,26 @@ class DINOMethod:
         from .trainer import build_student_teacher
 
         self.config = config
+        self.device = device
+        self.fsdp = bool(config.fsdp)
         student, teacher, self.embed_dim = build_student_teacher(config)
+        if self.fsdp and _has_batchnorms(student):
+            raise ValueError(f"--fsdp: {config.arch} has batch-norm layers, which are synchronised under DDP only; "
+                             f"train it without --fsdp")
         if is_distributed() and _has_batchnorms(student):
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         student, teacher = student.to(device), teacher.to(device)
-        self.student = wrap_ddp(student, device)  # DDP broadcasts rank 0's weights to every rank's student...
-        teacher.load_state_dict(unwrap(self.student).state_dict())  # ...and every teacher starts from them too
-        self.teacher = teacher
+        if self.fsdp:
+            broadcast_from_rank0(student)  # every rank shards the same (rank 0's) weights
+            teacher.load_state_dict(student.state_dict())
+            dtype = fsdp_mixed_precision_dtype(config.fsdp_mixed_precision, device)
+            self.student = shard_model(student, device, dtype, reshard_after_forward=False)
+            self.teacher = shard_model(teacher, device, dtype, reshard_after_forward=True)
+        else:
+            self.student = wrap_ddp(student, device)  # DDP broadcasts rank 0's weights to every rank's student...
+            teacher.load_state_dict(unwrap(self.student).state_dict())  # ...and every teacher starts from them too
+            self.teacher = teacher
         self.loss_fn = DINOLoss(config.out_dim, config.local_crops_number + 2, config.warmup_teacher_temp,
                                 config.teacher_temp, config.warmup_teacher_temp_epochs, config.epochs,
                                 student_temp=config.student_temp, center_momentum=config.center_momentum,
@@ -103,19 +119,31 @@ class DINOMethod:
 
     # ---- checkpoints and evaluation ----
     def state_dict(self) -> Dict[str, Any]:
-        return {"student": unwrap(self.student).state_dict(), "teacher": self.teacher.state_dict(),
+        """Full (unsharded) state dicts; under FSDP a collective whose tensors only rank 0 keeps."""
+        return {"student": full_state_dict(unwrap(self.student)), "teacher": full_state_dict(self.teacher),
                 "dino_loss": self.loss_fn.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        unwrap(self.student).load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
+        load_full_state_dict(unwrap(self.student), state["student"])
+        load_full_state_dict(self.teacher, state["teacher"])
         self.loss_fn.load_state_dict(state["dino_loss"])
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in unwrap(self.student).parameters())
 
     def eval_backbone(self) -> nn.Module:
-        return unwrap(self.teacher)
+        """The teacher. Under FSDP every rank must call this (its weights are gathered); rank 0 gets an unsharded
+        copy, the other ranks None."""
+        if not self.fsdp:
+            return unwrap(self.teacher)
+        from .trainer import build_student_teacher
+
+        state = full_state_dict(self.teacher)
+        if not is_main_process():
+            return None
+        teacher = build_student_teacher(self.config)[1]
+        teacher.load_state_dict(state)
+        return teacher.to(self.device)
 
     @property
     def center(self) -> Tensor:
@@ -129,26 +157,26 @@ class DINOv2TrainingMethod:
     checkpoint_format = "dinokernels.dinov2.v1"
 
     def __init__(self, config: PretrainConfig, device: torch.device):
-        from .dinov2_method import DINOv2Method, dinov2_param_groups
+        from .dinov2_method import dinov2_param_groups
 
         self.config = config
         self.device = device
+        self.fsdp = bool(config.fsdp)
         backbone, embed_dim = build_dinov2_backbone(config, config.drop_path_rate)
         teacher_backbone = None
         if config.distill_teacher:
             teacher_backbone = load_distillation_teacher(config)
-        self.method = DINOv2Method(
-            backbone, embed_dim, out_dim=config.out_dim, ibot_out_dim=config.ibot_out_dim,
-            separate_ibot_head=config.ibot_separate_head, head_hidden_dim=config.hidden_dim,
-            head_bottleneck_dim=config.bottleneck_dim, n_local_crops=config.local_crops_number,
-            centering=config.centering, student_temp=config.student_temp, center_momentum=config.center_momentum,
-            dino_weight=config.dino_loss_weight, koleo_weight=config.koleo_loss_weight,
-            ibot_weight=config.ibot_loss_weight, teacher_backbone=teacher_backbone).to(device)
+        self.method = _dinov2_module(config, backbone, embed_dim, teacher_backbone).to(device)
         if config.distill_teacher:
             self._load_teacher_heads(config.distill_teacher)
-        if is_distributed():  # every rank starts from rank 0's weights
-            for t in list(self.method.parameters()) + list(self.method.buffers()):
-                torch.distributed.broadcast(t.data, 0)
+        broadcast_from_rank0(self.method)  # every rank starts from rank 0's weights
+        if self.fsdp:
+            # Each sub-module (backbone per block, DINO head, iBOT head) sharded on its own, as officially; the
+            # loss modules (centers) stay whole.
+            dtype = fsdp_mixed_precision_dtype(config.fsdp_mixed_precision, device)
+            for part in (self.method.student, self.method.teacher, self.method.student_ema):
+                for module in (part.values() if part is not None else ()):
+                    shard_model(module, device, dtype, reshard_after_forward=part is not self.method.student)
         self.embed_dim = embed_dim
         self.student = self.method.student
         self.teacher = self.method.teacher
@@ -231,7 +259,7 @@ class DINOv2TrainingMethod:
         return total, parts
 
     def after_backward(self, epoch: int, it: int) -> None:
-        if is_distributed():  # the average of the ranks' gradients, as DDP would give
+        if is_distributed() and not self.fsdp:  # the average of the ranks' gradients, as DDP (and FSDP) give
             world = get_world_size()
             for p in self.method.student.parameters():
                 if p.grad is not None:
@@ -250,23 +278,48 @@ class DINOv2TrainingMethod:
 
     # ---- checkpoints and evaluation ----
     def state_dict(self) -> Dict[str, Any]:
-        return {"method": self.method.state_dict()}
+        """The full (unsharded) state dict; under FSDP a collective whose tensors only rank 0 keeps."""
+        return {"method": full_state_dict(self.method)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
+        load_full_state_dict(self.method, state["method"])
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.method.student.parameters())
 
     def eval_backbone(self) -> nn.Module:
         """The final model as the report reads it: `.backbone` (the teacher's, or the student EMA's when
-        distilling) and `.head` (its DINO head), forward = head(backbone(x))."""
-        part = self.method.student_ema if self.method.distillation else self.method.teacher
-        return _BackboneWithHead(part["backbone"], part["dino_head"])
+        distilling) and `.head` (its DINO head), forward = head(backbone(x)). Under FSDP every rank must call this
+        (the weights are gathered); rank 0 gets an unsharded copy, the other ranks None."""
+        name = "student_ema" if self.method.distillation else "teacher"
+        if not self.fsdp:
+            part = getattr(self.method, name)
+            return _BackboneWithHead(part["backbone"], part["dino_head"])
+        state = full_state_dict(getattr(self.method, name))
+        if not is_main_process():
+            return None
+        # the final model has the student's structure (its teacher copy, or the student EMA)
+        backbone, embed_dim = build_dinov2_backbone(self.config, 0.0)
+        plain = _dinov2_module(self.config, backbone, embed_dim, None).student
+        plain.load_state_dict(state)
+        plain.to(self.device).eval()
+        return _BackboneWithHead(plain["backbone"], plain["dino_head"])
 
     @property
     def center(self) -> Tensor:
         return self.method.dino_loss.center
+
+
+def _dinov2_module(config: PretrainConfig, backbone: nn.Module, embed_dim: int, teacher_backbone=None):
+    from .dinov2_method import DINOv2Method
+
+    return DINOv2Method(
+        backbone, embed_dim, out_dim=config.out_dim, ibot_out_dim=config.ibot_out_dim,
+        separate_ibot_head=config.ibot_separate_head, head_hidden_dim=config.hidden_dim,
+        head_bottleneck_dim=config.bottleneck_dim, n_local_crops=config.local_crops_number,
+        centering=config.centering, student_temp=config.student_temp, center_momentum=config.center_momentum,
+        dino_weight=config.dino_loss_weight, koleo_weight=config.koleo_loss_weight,
+        ibot_weight=config.ibot_loss_weight, teacher_backbone=teacher_backbone)
 
 
 class _BackboneWithHead(nn.Module):

@@ -24,14 +24,21 @@ def get_params_groups(model: nn.Module) -> List[Dict]:
 def clip_gradients(model: nn.Module, clip: float) -> List[float]:
     """Per-parameter-tensor clipping: each gradient g is scaled by clip/(‖g‖₂ + 1e-6) when that is < 1.
     Returns the norms before clipping, in named_parameters order (as the official code; each norm is one host read,
-    so the trainer computes them only when clipping is on)."""
+    so the trainer computes them only when clipping is on). FSDP-sharded gradients are clipped by the norms of the
+    whole tensors (every rank must call this)."""
+    from .distributed import global_grad_norms, is_sharded, local_part
+
     grads = [p.grad for _, p in model.named_parameters() if p.grad is not None]
     if not grads:
         return []
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0).float() for g in grads])
+    if any(is_sharded(g) for g in grads):  # FSDP: whole-tensor norms from every rank's shard, one all-reduce
+        norms = global_grad_norms([[g] for g in grads]).to(local_part(grads[0]).device)
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0).float() for g in grads])
     coefs = clip / (norms + 1e-6)
     for g, coef in zip(grads, coefs):
         # Multiply by min(coef, 1): for coef ≥ 1 that is ×1.0, a no-op, which avoids a host read per tensor.
+        g = local_part(g)
         g.mul_(torch.clamp(coef, max=1.0).to(g.dtype))
     return norms.tolist()
 

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader
 from .checkpoint import (atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state,
                          temporary_files, to_plain)
 from .config import PretrainConfig
-from .distributed import (ShardedSampler, get_rank, get_world_size, init_distributed, is_distributed,
-                          is_main_process, local_device)
+from .distributed import (ShardedSampler, cleanup_distributed, fsdp_mixed_precision_dtype, full_optimizer_state_dict,
+                          get_rank, get_world_size, init_distributed, init_single_process_group, is_distributed,
+                          is_main_process, load_full_optimizer_state_dict, local_device)
 from .inputs import SeededTransform, build_pretrain_dataset, normalization
 from .progress import JsonlLog, ProgressBar, format_seconds
 
@@ -210,7 +211,7 @@ def _state(method, scaler, config, epoch, epoch_iteration, iteration, niter_per_
         "format": method.checkpoint_format,
         "method": method.name,
         **method.state_dict(),  # DINO: student, teacher, dino_loss; DINOv2: the method's whole state
-        "optimizer": method.optimizer.state_dict(),
+        "optimizer": full_optimizer_state_dict(method.optimizer),
         "fp16_scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),  # the epoch to (re)start from
         "epoch_iteration": int(epoch_iteration),  # iterations of that epoch already done
@@ -226,8 +227,11 @@ def _state(method, scaler, config, epoch, epoch_iteration, iteration, niter_per_
 
 def _save(path: str, *args) -> None:
     rng_states = _gather_rng_states()  # collective: every rank calls _save
-    if is_main_process():
-        save_checkpoint(_state(*args[:-1], rng_states, args[-1]), path)
+    # Under FSDP the state is gathered from every rank's shards (collectives); rank 0 holds and writes it.
+    if is_main_process() or getattr(args[0], "fsdp", False):
+        state = _state(*args[:-1], rng_states, args[-1])
+        if is_main_process():
+            save_checkpoint(state, path)
 
 
 def _check_resume_config(ckpt_cfg: Dict[str, Any], config: PretrainConfig) -> None:
@@ -258,7 +262,11 @@ def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None, overw
     Under torchrun (WORLD_SIZE > 1) each process calls this; the process group is created if needed."""
     replace_previous = _check_output_folder(config, overwrite)  # every rank: all refuse together
     created = not os.path.exists(config.out)
+    # FSDP in a process started without torchrun: a process group of one, ended again when training ends.
+    own_group = config.fsdp and not is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) <= 1
     try:
+        if own_group:
+            init_single_process_group(config.resolved_device())
         return _train(config, evaluate, replace_previous)
     except BaseException:
         if created and is_main_process():
@@ -267,6 +275,9 @@ def train_dino(config: PretrainConfig, *, evaluate: Optional[bool] = None, overw
             except OSError:
                 pass
         raise
+    finally:
+        if own_group:
+            cleanup_distributed()
 
 
 def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: bool) -> Dict[str, Any]:
@@ -276,6 +287,9 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
     rank, world = get_rank(), get_world_size()
     device = local_device(device_name)
     precision = config.resolved_precision()
+    fsdp_dtype = fsdp_mixed_precision_dtype(config.fsdp_mixed_precision, device) if config.fsdp else None
+    if config.fsdp and device.type == "cpu" and fsdp_dtype == torch.float16:
+        _say("note: float16 on the CPU is slow and only useful for testing; bf16 is the CPU's 16-bit type")
     if device.type == "cpu" and precision == "fp16":
         _say("note: float16 autocast on the CPU is slow and only useful for testing; bf16 is the CPU's 16-bit type")
     out = config.out
@@ -310,6 +324,10 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
     method = build_method(config, device)
     optimizer = method.optimizer
     scaler = _make_scaler(device, precision)
+    if fsdp_dtype == torch.float16:  # float16 gradients need loss scaling; inf checks agree across the shards
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device.type)
     method.build_schedules(niter_per_ep, batch * world)
 
     # ---- resume ----
@@ -328,7 +346,7 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
             raise ValueError(f"cannot resume: the checkpoint has {ckpt['niter_per_ep']} iterations per epoch, this "
                              f"run {niter_per_ep} (same data, batch size and number of processes are needed)")
         method.load_state_dict(ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_full_optimizer_state_dict(optimizer, ckpt["optimizer"])
         if scaler is not None and ckpt.get("fp16_scaler") is not None:
             scaler.load_state_dict(ckpt["fp16_scaler"])
         start_epoch, start_it = int(ckpt["epoch"]), int(ckpt["epoch_iteration"])
@@ -356,8 +374,10 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
     highres_from = config.epochs - config.highres_epochs if config.highres_epochs else None
     _say(f"{'DINOv2' if method.name == 'dinov2' else 'DINO'} pretraining: {config.arch}/{config.patch_size} "
          f"({n_params / 1e6:.2f}M parameters with the heads, K = {config.out_dim}) on {device}"
-         f"{f' × {world} processes' if world > 1 else ''}, {precision}; "
-         f"{data_desc}; {config.epochs} epochs × {niter_per_ep} iterations of {batch}"
+         f"{f' × {world} processes' if world > 1 else ''}, "
+         + (f"FSDP ({'float32' if fsdp_dtype is None else str(fsdp_dtype).replace('torch.', '')} compute); "
+            if config.fsdp else f"{precision}; ")
+         + f"{data_desc}; {config.epochs} epochs × {niter_per_ep} iterations of {batch}"
          f"{f'×{world}' if world > 1 else ''} images, 2×{config.global_size}px"
          + (f" + {config.local_crops_number}×{config.local_size}px" if config.local_crops_number else "")
          + " crops"
@@ -455,7 +475,9 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
         "out": os.path.abspath(out), "checkpoint": os.path.abspath(ckpt_path),
         "log": os.path.abspath(os.path.join(out, "log.jsonl")), "loss_png": None,
         "iterations": iteration, "epochs": config.epochs, "niter_per_ep": niter_per_ep, "world_size": world,
-        "device": str(device), "precision": precision, "resumed_from": resumed_from,
+        "device": str(device), "precision": precision, "resumed_from": resumed_from, "fsdp": bool(config.fsdp),
+        "fsdp_compute_dtype": (None if fsdp_dtype is None else str(fsdp_dtype).replace("torch.", "")
+                               ) if config.fsdp else None,
         "first_loss": history["first_loss"], "final_loss": last_loss, "epoch_losses": epoch_losses,
         "train_seconds": train_seconds, "images_per_s": images_seen / train_seconds if images_seen else None,
         "config": to_plain(config.to_dict()),
@@ -467,10 +489,12 @@ def _train(config: PretrainConfig, evaluate: Optional[bool], replace_previous: b
              if last_loss is not None else "nothing to train: the checkpoint is at the last epoch")
 
     do_eval = config.evaluate if evaluate is None else evaluate
-    if do_eval and is_main_process():
+    if do_eval:
         from ..eval.report import evaluate_pretraining
 
-        result.update(evaluate_pretraining(config, method.eval_backbone(), method.center, device))
+        backbone = method.eval_backbone()  # under FSDP a collective: every rank gathers, rank 0 keeps a copy
+        if is_main_process():
+            result.update(evaluate_pretraining(config, backbone, method.center, device))
     result["wall_seconds"] = time.perf_counter() - wall0
     if is_main_process():
         with atomic_write(os.path.join(out, "summary.json"), "w") as f:

@@ -58,6 +58,14 @@ def test_dinov2_training_layout_and_safetensors_and_transformers_state_dict(tmp_
     with pytest.raises(ValueError, match="no 'student' entry"):
         load_feature_model(str(tmp_path / "teacher_checkpoint.pth"), which="student")
 
+    both = {"student.backbone." + k: v + 1 for k, v in model.state_dict().items()}
+    both |= {"teacher.backbone." + k: v for k, v in model.state_dict().items()} | {"teacher.dino_head.w": heads[
+        "dino_head.mlp.0.weight"]}
+    torch.save({"model": both, "iteration": 9}, tmp_path / "model_0000009.rank_0.pth")
+    assert_features(load_feature_model(str(tmp_path / "model_0000009.rank_0.pth")), *ref, x)
+    student = load_feature_model(str(tmp_path / "model_0000009.rank_0.pth"), which="student")
+    torch.testing.assert_close(student.backbone.cls_token, model.cls_token + 1)
+
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     assert_features(load_feature_model(str(tmp_path / "w.safetensors")), *ref, x)

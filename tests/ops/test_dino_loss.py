@@ -10,7 +10,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import dino_loss, dino_loss_centered, softmax_center
 from dinokernels.ops.dino_loss_ref import dino_loss_centered_ref, dino_loss_ref
-from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
+from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered, backend  # noqa: F401 (backend: a fixture)
 from ssl_references import DinoV1Reference, cross_view_cross_entropy
 
 
@@ -545,7 +545,7 @@ BAD_INPUTS = [  # (student, teacher, student_temp) makers, exception, argument n
 
 
 @pytest.mark.parametrize("make,exc,arg,fragment", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(make, exc, arg, fragment):
+def test_bad_input_raises_naming_the_argument(backend, make, exc, arg, fragment):
     student, teacher, temp = make()
     with pytest.raises(exc, match=f"'{arg}'.*{fragment}") as info:
         dino_loss(student, teacher, temp)
@@ -570,7 +570,7 @@ CENTERED_BAD = [  # keyword overrides of a good call, exception, argument named
 
 
 @pytest.mark.parametrize("override,exc,arg", CENTERED_BAD)
-def test_centered_bad_input_raises_naming_the_argument(override, exc, arg):
+def test_centered_bad_input_raises_naming_the_argument(backend, override, exc, arg):
     kwargs = dict(student_logits=torch.randn(3, 2, 5), teacher_logits=torch.randn(2, 2, 5), center=torch.zeros(5),
                   teacher_temp=0.04, student_temp=0.1)
     kwargs.update(override)

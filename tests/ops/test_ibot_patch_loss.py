@@ -8,7 +8,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import ibot_patch_loss
 from dinokernels.ops.ibot_patch_loss_ref import ibot_patch_loss_ref
-from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered
+from dk_test_helpers import CUDA_DTYPES, assert_within_torch_error, registered, backend  # noqa: F401 (backend: a fixture)
 from ssl_references import ibot_masked_loss, masked_token_weights, token_cross_entropy
 
 
@@ -257,7 +257,7 @@ BAD_INPUTS = [  # keyword overrides of a good call (n=4, K=6), exception, argume
 
 
 @pytest.mark.parametrize("override,exc,arg,fragment", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
+def test_bad_input_raises_naming_the_argument(backend, override, exc, arg, fragment):
     kwargs = dict(student_patch_logits=torch.randn(4, 6), teacher_patch_probs=targets(4, 6, torch.float32),
                   weights=torch.rand(4), student_temp=0.1)
     kwargs.update(override)

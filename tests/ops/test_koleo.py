@@ -12,6 +12,7 @@ from dinokernels import _config, _ext
 from dinokernels.ops import koleo_loss, koleo_loss_ref, nearest_neighbors, nearest_neighbors_ref
 from dinokernels.ops.koleo import koleo_backward, koleo_forward, nearest_neighbors_op
 from ssl_references import koleo_reference
+from dk_test_helpers import backend  # noqa: F401 (fixture: the test runs on every backend)
 
 SHAPES = [(2, 8), (3, 5), (257, 33), (1024, 384)]
 
@@ -191,14 +192,14 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make,exc,fragment", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(make, exc, fragment):
+def test_bad_input_raises_naming_the_argument(backend, make, exc, fragment):
     with pytest.raises(exc, match=fragment) as info:
         koleo_loss(make())
     assert "dinokernels.koleo_loss" in str(info.value) and "argument 'x'" in str(info.value)
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), True])
-def test_bad_eps(eps):
+def test_bad_eps(backend, eps):
     with pytest.raises(ValueError, match="argument 'eps'"):
         koleo_loss(torch.randn(4, 3), eps=eps)
 
@@ -330,7 +331,7 @@ def test_nearest_neighbors_gradcheck_and_opcheck():
     ((torch.tensor([[0.0, float("nan")], [1.0, 1.0]]),), ValueError, "non-finite"),
     ((torch.randn(4, 2), torch.tensor([[0.0, float("inf")], [1.0, 1.0]])), ValueError, "non-finite"),
 ])
-def test_nearest_neighbors_bad_input(args, exc, fragment):
+def test_nearest_neighbors_bad_input(backend, args, exc, fragment):
     with pytest.raises(exc, match=fragment) as info:
         nearest_neighbors(*args)
     assert "dinokernels.nearest_neighbors" in str(info.value)

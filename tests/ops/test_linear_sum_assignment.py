@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from dinokernels.ops import linear_sum_assignment, linear_sum_assignment_padded
 from dinokernels.ops.linear_sum_assignment import linear_sum_assignment_op
+from dk_test_helpers import backend  # noqa: F401 (fixture: the test runs on every backend)
 
 
 def random_batch(B, N, M, kind, gen):
@@ -126,7 +127,7 @@ def test_inf_entries_forbid_pairs():
             linear_sum_assignment(cost[b])
 
 
-def test_infeasible_nan_and_neg_inf_raise():
+def test_infeasible_nan_and_neg_inf_raise(backend):
     cost = torch.rand(3, 4, 4)
     bad = cost.clone()
     bad[1, :, 2] = math.inf  # column 2 cannot be assigned
@@ -148,7 +149,7 @@ def test_infeasible_nan_and_neg_inf_raise():
     assert len(linear_sum_assignment(outside, num_rows=3)) == 3
 
 
-def test_bad_inputs():
+def test_bad_inputs(backend):
     with pytest.raises(TypeError, match="'cost'"):
         linear_sum_assignment([[1.0]])
     with pytest.raises(ValueError, match="'cost'"):

@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from dinokernels._config import checking_finite
 from dinokernels.ops import linear_sum_assignment, matching_cost, matching_cost_flat, matching_cost_ref
 from dinokernels.ops.matching_cost import matching_cost_op
+from dk_test_helpers import backend  # noqa: F401 (fixture: every backend)
 
 
 def make_inputs(B, Q, T, G, counts=None, dtype=torch.float64, device="cpu", density=0.1, scale=3.0):
@@ -101,9 +103,12 @@ def test_per_token_focal_term_float32_accuracy():
     out = matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
     logits[0, 0, 7] = math.nan
-    out = matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
+    with pytest.raises(ValueError, match="'pred_logits' contains 1 NaN"):
+        matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
+    with checking_finite(False):  # unchecked, NaN propagates to its column as in the dense matmul
+        out = matching_cost(logits.float(), pred.float(), tgt.float(), pmap, [T], **kw)
     ref = matching_cost_ref(logits, pred, tgt, pmap, [T], **kw)
-    assert torch.isnan(out[0, 0, 7]) and torch.equal(torch.isnan(out), torch.isnan(ref))  # as the dense matmul
+    assert torch.isnan(out[0, 0, 7]) and torch.equal(torch.isnan(out), torch.isnan(ref))
 
 
 def test_degenerate_boxes_finite():
@@ -149,7 +154,7 @@ def test_torch_compile_fullgraph():
                                rtol=0, atol=0)
 
 
-def test_bad_inputs():
+def test_bad_inputs(backend):
     logits, pred, tgt, pmap, counts = make_inputs(2, 6, 5, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="'pred_logits'"):
         matching_cost(logits[0], pred, tgt, pmap, counts)
@@ -180,6 +185,17 @@ def test_bad_inputs():
         matching_cost(logits, pred, tgt, pmap, counts, alpha=1.5)
     with pytest.raises(ValueError, match="'cost_bbox'"):
         matching_cost(logits, pred, tgt, pmap, counts, cost_bbox=math.nan)
+    for name, index, value in (("pred_logits", (1, 2, 0), math.nan), ("pred_boxes", (0, 1, 2), math.inf),
+                               ("tgt_boxes", (1, 0, 0), -math.inf), ("tgt_boxes", (0, 2, 1), math.nan)):
+        args = dict(pred_logits=logits, pred_boxes=pred, tgt_boxes=tgt)
+        args[name] = args[name].clone()
+        args[name][index] = value
+        with pytest.raises(ValueError, match=f"'{name}' contains 1 "):
+            matching_cost(positive_map=pmap, tgt_counts=counts, **args)
+    padded = tgt.clone()
+    padded[1, 2] = math.nan  # past tgt_counts[1] = 2: padding, never read
+    out = matching_cost(logits, pred, padded, pmap, [3, 2])
+    assert torch.isfinite(out[1, :, :2]).all() and torch.isinf(out[1, :, 2]).all()
 
 
 # ---- CUDA ----

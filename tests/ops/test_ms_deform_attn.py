@@ -9,7 +9,7 @@ import torch
 import dinokernels
 from dinokernels import _config
 from dinokernels.ops import ms_deform_attn, ms_deform_attn_gather_ref, ms_deform_attn_ref
-from dk_test_helpers import registered
+from dk_test_helpers import registered, backend  # noqa: F401 (backend: a fixture)
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -352,14 +352,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_raises_naming_the_argument(case):
+def test_bad_input_raises_naming_the_argument(backend, case):
     changes, kind, message = BAD[case]
     with pytest.raises(kind, match="dinokernels.ms_deform_attn: argument " + message.replace("(", r"\(")
                        .replace(")", r"\)")):
         ms_deform_attn(**_bad(**changes))
 
 
-def test_more_than_8_levels_raises():
+def test_more_than_8_levels_raises(backend):
     value, shapes, starts, loc, attn = make_inputs(1, 2, 1, 2, [(1, 1)] * 9, 1)
     with pytest.raises(ValueError, match="'spatial_shapes' must have 1 to 8 levels, got L=9"):
         ms_deform_attn(value, shapes, starts, loc, attn)
@@ -389,6 +389,15 @@ def test_widest_level_keeps_the_half_pixel_offset_and_wider_raises(dtype):
         ms_deform_attn(wider, torch.tensor([[1, width + 1]]), starts, loc, attn)
 
 
+def test_level_wider_than_2_23_raises_on_every_backend(backend):
+    # Issue 16 §3: the level table's limits are the op's, so the reference refuses them too (before it samples).
+    width = (1 << 23) + 1
+    loc, attn = torch.full((1, 1, 1, 1, 1, 2), 0.5), torch.ones(1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"'spatial_shapes' level 0 has \(H, W\) = \(1, 8388609\); each must be in "
+                                         r"\[1, 2\^23\]"):
+        ms_deform_attn(torch.zeros(1, width, 1, 1), torch.tensor([[1, width]]), torch.tensor([0]), loc, attn)
+
+
 def test_compiled_module_checks_level_table_itself():
     # The C++ entry point validates what it receives (DESIGN §1), whatever Python checked.
     from dinokernels import _ext
@@ -407,7 +416,7 @@ def test_compiled_module_checks_level_table_itself():
 
 
 @pytest.mark.parametrize("where", ["value", "sampling_locations", "attention_weights"])
-def test_non_finite_input_raises(where):
+def test_non_finite_input_raises(backend, where):
     value, shapes, starts, loc, attn = make_inputs(1, 4, 2, 3, [(3, 4)], 2)
     loc = loc.clamp(0.2, 0.8)  # every sample inside: a NaN value pixel reaches the output
     target = {"value": value, "sampling_locations": loc, "attention_weights": attn}[where]

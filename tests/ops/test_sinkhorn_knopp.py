@@ -9,7 +9,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import sinkhorn_knopp
 from dinokernels.ops.sinkhorn_knopp_ref import sinkhorn_knopp_plain, sinkhorn_knopp_ref
-from dk_test_helpers import CUDA_DTYPES, registered
+from dk_test_helpers import CUDA_DTYPES, registered, backend  # noqa: F401 (backend: a fixture)
 
 
 def tolerance(dtype, amax, n_iterations=3):
@@ -259,7 +259,7 @@ BAD_INPUTS = [  # keyword overrides of a good call (N=4, K=6), exception, argume
 
 
 @pytest.mark.parametrize("override,exc,arg,fragment", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
+def test_bad_input_raises_naming_the_argument(backend, override, exc, arg, fragment):
     kwargs = dict(teacher_logits=torch.randn(4, 6), teacher_temp=0.04, n_iterations=3)
     kwargs.update(override)
     with pytest.raises(exc, match=f"'{arg}'.*{fragment}") as info:

@@ -10,7 +10,7 @@ import dinokernels
 from dinokernels import _config
 from dinokernels.ops import softmax_center
 from dinokernels.ops.softmax_center_ref import softmax_center_ref
-from dk_test_helpers import CUDA_DTYPES, registered
+from dk_test_helpers import CUDA_DTYPES, registered, backend  # noqa: F401 (backend: a fixture)
 
 
 def targets_and_logit_sum(z, c, temp):
@@ -145,7 +145,7 @@ def test_huge_logit_rows_sum_to_one():
                                        atol=16 * torch.finfo(dtype).eps)
 
 
-def test_temperature_whose_reciprocal_overflows_float32_raises():
+def test_temperature_whose_reciprocal_overflows_float32_raises(backend):
     with pytest.raises(ValueError, match="'teacher_temp'.*too small for float32"):
         softmax_center(torch.zeros(2, 3), torch.zeros(3), 1e-39)
     # float64 takes it: the exact targets are one-hot (ties split evenly).
@@ -298,7 +298,7 @@ BAD_INPUTS = [  # keyword overrides of a good call (N=4, K=6), exception, argume
 
 
 @pytest.mark.parametrize("override,exc,arg,fragment", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(override, exc, arg, fragment):
+def test_bad_input_raises_naming_the_argument(backend, override, exc, arg, fragment):
     kwargs = dict(teacher_logits=torch.randn(4, 6), center=torch.zeros(6), teacher_temp=0.04)
     kwargs.update(override)
     with pytest.raises(exc, match=f"'{arg}'.*{fragment}") as info:
