@@ -140,16 +140,22 @@ __global__ void __launch_bounds__(kThreads)
       if (threadIdx.x == 0) record[layout.teacher(t)] = m, record[layout.teacher(t) + 1] = s;
     }
   }
-  for (int64_t v = 0; v < p.views; ++v) {
+  // Raw logits of view v (the max is taken before scaling); the next view's are loaded before this view's block
+  // reductions, so their latency overlaps the barriers instead of following them.
+  auto load_view = [&](int64_t v, float (&dst)[kPacks][kWidth]) {
     const TS* z = student + v * row_stride + b * p.classes + k0;
-    float x[kPacks][kWidth];  // raw logits: the max is taken before scaling
+#pragma unroll
+    for (int g = 0; g < kPacks; ++g) load_pack<kVec>(z, pack_column(g), width, -INFINITY, dst[g]);
+  };
+  float x[kPacks][kWidth], next[kPacks][kWidth] = {};
+  load_view(0, x);
+  for (int64_t v = 0; v < p.views; ++v) {
+    if (v + 1 < p.views) load_view(v + 1, next);
     float local_max = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < kPacks; ++g) {
-      load_pack<kVec>(z, pack_column(g), width, -INFINITY, x[g]);
+    for (int g = 0; g < kPacks; ++g)
 #pragma unroll
       for (int i = 0; i < kWidth; ++i) local_max = fmaxf(local_max, x[g][i]);
-    }
     // NaN is dropped by fmaxf here but reaches s below, so the loss still becomes NaN.
     const float m = block_max(local_max, scratch);
     float s = 0.f, d = 0.f, mass = 0.f;
@@ -205,6 +211,10 @@ __global__ void __launch_bounds__(kThreads)
         if (threadIdx.x == 0) record[layout.pair(v, t)] = dt;
       }
     }
+#pragma unroll
+    for (int g = 0; g < kPacks; ++g)
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) x[g][i] = next[g][i];  // unused after the last view
   }
 }
 
