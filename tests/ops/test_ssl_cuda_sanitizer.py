@@ -80,3 +80,16 @@ def test_cuda_soft_ce_vector_paths_for_sanitizer():
                 loss.backward()
                 assert torch.isfinite(storage.grad.float()).all()
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_sinkhorn_vector_paths_for_sanitizer():
+    """Sinkhorn-Knopp's row kernels with 4-wide loads (K % 4 == 0, aligned), single-call and staged, and their
+    element-wise fallback on a view one element into its storage."""
+    for dtype in CUDA_DTYPES:
+        for n, k in [(1, 4), (5, 4100)]:
+            storage = torch.randn(n * k + 1, device="cuda").to(dtype)
+            for z in (storage[:n * k].view(n, k), storage[1:].view(n, k)):
+                assert torch.isfinite(sinkhorn_knopp(z, 0.05)).all()
+                assert torch.isfinite(_distributed(z, 0.05, 2, None)).all()
+    torch.cuda.synchronize()
