@@ -95,13 +95,19 @@ __device__ DK_INLINE void online_add(float& m, float& s, float a, float scale = 
   }
 }
 
-// Merge the (m, s) pairs of the whole block; every thread gets the result. `scratch` holds 64 floats. scale as
-// in merge_max_sum.
-__device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch, float scale = 1.f) {
+// Merge the (m, s) pairs of the warp in a fixed butterfly; every lane gets the same result (merge_max_sum is
+// symmetric). scale as in merge_max_sum.
+__device__ DK_INLINE void warp_merge_max_sum(float& m, float& s, float scale = 1.f) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
     merge_max_sum(m, s, m2, s2, scale);
   }
+}
+
+// Merge the (m, s) pairs of the whole block; every thread gets the result. `scratch` holds 64 floats. scale as
+// in merge_max_sum.
+__device__ DK_INLINE void block_merge_max_sum(float& m, float& s, float* scratch, float scale = 1.f) {
+  warp_merge_max_sum(m, s, scale);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
   __syncthreads();
   if (lane == 0) scratch[warp] = m, scratch[32 + warp] = s;

@@ -1,7 +1,7 @@
 // CUDA Sinkhorn-Knopp in the log domain (see sinkhorn_knopp.h). Prototype step: blocks of 32 columns × 8 row
 // groups; each thread folds its rows into an online (max, Σexp) pair, the 8 pairs of a column merge in shared
 // memory (fixed order: deterministic). Sample step: one block per row. Output: one block per row, normalising the
-// row by its own sum.
+// row by its own sum. The row kernels read packs of 4 columns (one 16-byte load of float32) where aligned.
 #include "../common/dk_cuda.cuh"
 #include "sinkhorn_knopp.h"
 #include "sinkhorn_knopp_math.h"
@@ -41,32 +41,111 @@ __global__ void __launch_bounds__(kColumns * kRowGroups)
   }
 }
 
+// Row kernels read 4 neighbouring columns per load (16 bytes of float32 logits and α, 8 of 16-bit logits) when
+// K % 4 == 0 and the pointers are aligned (kVec), element by element otherwise.
+constexpr int kWidth = 4;
+
 template <typename T>
+struct alignas(kWidth * sizeof(T)) Pack {
+  T v[kWidth];
+};
+
+// Columns j .. j + 3 of x as float (0 past k). kVec: the whole pack is inside the row whenever j < k.
+template <bool kVec, typename T>
+__device__ DK_INLINE void load_pack(const T* x, int64_t j, int64_t k, float (&out)[kWidth]) {
+  if (kVec && j < k) {
+    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(x + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) out[i] = to_float(pack.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) out[i] = j + i < k ? to_float(x[j + i]) : 0.f;
+  }
+}
+
+// c_bj = a_bj + α_j for the row's columns j .. j + 3 (a = z/τ, rounded as the prototype step rounds it).
+template <bool kVec, typename T>
+__device__ DK_INLINE void shifted_pack(const T* x, const float* alpha, int64_t j, int64_t k, float inv_temp,
+                                       float (&c)[kWidth]) {
+  float a[kWidth], shift[kWidth];
+  load_pack<kVec>(x, j, k, a);
+  load_pack<kVec>(alpha, j, k, shift);
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) c[i] = __fmul_rn(a[i], inv_temp) + shift[i];
+}
+
+// The row's online (max, Σexp) of c over the block; thread t folds packs t, t + 256, ... in order.
+template <bool kVec, typename T>
+__device__ DK_INLINE void row_max_sum(const T* x, const float* alpha, int64_t k, float inv_temp, float& m, float& s,
+                                      float* scratch) {
+  m = -INFINITY, s = 0.f;
+#pragma unroll 2
+  for (int64_t j = int64_t(threadIdx.x) * kWidth; j < k; j += int64_t(kRowThreads) * kWidth) {
+    float c[kWidth];
+    shifted_pack<kVec>(x, alpha, j, k, inv_temp, c);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i)
+      if (j + i < k) online_add(m, s, c[i]);
+  }
+  block_merge_max_sum(m, s, scratch);
+}
+
+template <bool kVec, typename T>
 __global__ void __launch_bounds__(kRowThreads)
     sample_kernel(const T* __restrict__ z, int64_t k, float inv_temp, const float* __restrict__ alpha,
                   float* __restrict__ beta) {
   __shared__ float scratch[64];
-  const T* x = z + int64_t(blockIdx.x) * k;
-  float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < k; j += kRowThreads) online_add(m, s, __fmul_rn(to_float(x[j]), inv_temp) + alpha[j]);
-  block_merge_max_sum(m, s, scratch);
+  float m, s;
+  row_max_sum<kVec>(z + int64_t(blockIdx.x) * k, alpha, k, inv_temp, m, s, scratch);
   if (threadIdx.x == 0) beta[blockIdx.x] = -(m + logf(s));
 }
 
 // Row b of the targets: the softmax over k of c = a + α from the row's own (max, Σ) (sinkhorn_knopp_math.h).
-template <typename T>
+template <bool kVec, typename T>
 __global__ void __launch_bounds__(kRowThreads)
     output_kernel(const T* __restrict__ z, int64_t k, float inv_temp, const float* __restrict__ alpha,
                   float* __restrict__ out) {
   __shared__ float scratch[64];
   const int64_t offset = int64_t(blockIdx.x) * k;
-  float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
-    online_add(m, s, __fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j]);
-  block_merge_max_sum(m, s, scratch);
+  float m, s;
+  row_max_sum<kVec>(z + offset, alpha, k, inv_temp, m, s, scratch);
   const float inv_s = 1.f / s;
-  for (int64_t j = threadIdx.x; j < k; j += kRowThreads)
-    out[offset + j] = row_probability(__fmul_rn(to_float(z[offset + j]), inv_temp) + alpha[j], m, inv_s);
+  for (int64_t j = int64_t(threadIdx.x) * kWidth; j < k; j += int64_t(kRowThreads) * kWidth) {
+    float c[kWidth];
+    shifted_pack<kVec>(z + offset, alpha, j, k, inv_temp, c);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) c[i] = row_probability(c[i], m, inv_s);
+    if (kVec && j < k) {
+      __stwb(reinterpret_cast<float4*>(out + offset + j), make_float4(c[0], c[1], c[2], c[3]));  // one 16-byte store
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i)
+        if (j + i < k) out[offset + j + i] = c[i];
+    }
+  }
+}
+
+// Whether the row kernels may use 4-wide accesses: K % 4 == 0 and every pointer aligned to 4 of its elements.
+bool row_vectors(int64_t k, std::uintptr_t z, int dtype, std::uintptr_t alpha, std::uintptr_t out) {
+  return k % kWidth == 0 && z % (kWidth * (dtype == kFloat32 ? 4 : 2)) == 0 && alpha % 16 == 0 && out % 16 == 0;
+}
+
+// Launches sample_kernel (out == 0: writes β) or output_kernel (writes the targets) on n rows.
+template <typename T>
+void launch_rows(bool vec, const T* z, int64_t n, int64_t k, float inv_temp, const float* alpha, float* beta,
+                 float* out, cudaStream_t s) {
+  auto launch = [&](auto vec_tag) {
+    constexpr bool kVec = decltype(vec_tag)::value;
+    if (out)
+      output_kernel<kVec, T><<<unsigned(n), kRowThreads, 0, s>>>(z, k, inv_temp, alpha, out);
+    else
+      sample_kernel<kVec, T><<<unsigned(n), kRowThreads, 0, s>>>(z, k, inv_temp, alpha, beta);
+  };
+  if (vec)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
+  cuda::check_launch(kOp);
 }
 
 __global__ void count_nonfinite_kernel(const float* __restrict__ values, int64_t count, int* __restrict__ flag) {
@@ -121,15 +200,14 @@ void forward_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teac
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* zt = as_ptr<const T>(z);
+    const bool vec = row_vectors(k, z, dtype, workspace, out);  // α is at the workspace's start
     for (int64_t it = 0; it < n_iterations; ++it) {
       launch_prototype(zt, n, k, inv_temp, beta, alpha, nullptr, nullptr, s);
-      sample_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, beta);
-      cuda::check_launch(kOp);
+      launch_rows(vec, zt, n, k, inv_temp, alpha, beta, nullptr, s);
     }
     count_nonfinite_kernel<<<64, 256, 0, s>>>(alpha, k + n, as_ptr<int>(nonfinite));  // α and β are adjacent
     cuda::check_launch(kOp);
-    output_kernel<T><<<unsigned(n), kRowThreads, 0, s>>>(zt, k, inv_temp, alpha, as_ptr<float>(out));
-    cuda::check_launch(kOp);
+    launch_rows(vec, zt, n, k, inv_temp, alpha, nullptr, as_ptr<float>(out), s);
   });
 }
 
@@ -157,10 +235,9 @@ void sample_step_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double 
   cuda::prepare_device(kOp, device_index);
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sample_kernel<T><<<unsigned(n), kRowThreads, 0, cuda::as_stream(stream)>>>(
-        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<float>(beta_out));
+    launch_rows(row_vectors(k, z, dtype, alpha, 0), as_ptr<const T>(z), n, k, float(1.0 / teacher_temp),
+                as_ptr<const float>(alpha), as_ptr<float>(beta_out), nullptr, cuda::as_stream(stream));
   });
-  cuda::check_launch(kOp);
 }
 
 void output_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teacher_temp, std::uintptr_t alpha,
@@ -172,10 +249,9 @@ void output_cuda(std::uintptr_t z, int dtype, int64_t n, int64_t k, double teach
   cuda::prepare_device(kOp, device_index);
   dispatch_cuda_float_types(dtype, kOp, "teacher_logits", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    output_kernel<T><<<unsigned(n), kRowThreads, 0, cuda::as_stream(stream)>>>(
-        as_ptr<const T>(z), k, float(1.0 / teacher_temp), as_ptr<const float>(alpha), as_ptr<float>(out));
+    launch_rows(row_vectors(k, z, dtype, alpha, out), as_ptr<const T>(z), n, k, float(1.0 / teacher_temp),
+                as_ptr<const float>(alpha), nullptr, as_ptr<float>(out), cuda::as_stream(stream));
   });
-  cuda::check_launch(kOp);
 }
 
 }  // namespace sinkhorn_knopp

@@ -63,6 +63,37 @@ DK_HOST_DEVICE DK_INLINE A teacher_probability_scale(A m, A row_max, A row_log_s
   return std::exp(softmax_center::exponent(m, row_max, teacher_factor) - row_log_sum);
 }
 
+// Adds chunk record r's share of ⟨P_vb, x − M⟩ (M = row_max: the row's student maximum) to dot and, for
+// probability targets, its target mass to mass. Teacher logits: teacher t's row statistics are
+// teacher_max[t·teacher_stride] and teacher_log_sum[t·teacher_stride]. Shared by the CPU's serial merge and the
+// CUDA merge that splits a row's chunks over lanes.
+template <typename A>
+DK_HOST_DEVICE DK_INLINE void add_chunk_dot(const A* r, RecordLayout layout, int64_t v, A row_max,
+                                            bool skip_same_view, bool teacher_logits, const A* teacher_max,
+                                            const A* teacher_log_sum, int64_t teacher_stride, A inv_student_temp,
+                                            A teacher_factor, A& dot, A& mass) {
+  const A shift = student_exponent(r[layout.student(v)], row_max, inv_student_temp);  // (m_vc − M)/τ_s ≤ 0
+  if (teacher_logits) {
+    for (int64_t t = 0; t < layout.teachers; ++t) {
+      if (!paired(v, t, skip_same_view)) continue;
+      const A weight = teacher_probability_scale(r[layout.teacher(t)], teacher_max[t * teacher_stride],
+                                                 teacher_log_sum[t * teacher_stride], teacher_factor);
+      dot += weight * (r[layout.pair(v, t)] + target_times_exponent(r[layout.teacher(t) + 1], shift));
+    }
+  } else {
+    dot += r[layout.student(v) + 2] + target_times_exponent(r[layout.student(v) + 3], shift);
+    mass += r[layout.student(v) + 3];
+  }
+}
+
+// ΣP_vb for teacher logits: one unit of probability per paired teacher row.
+template <typename A = float>
+DK_HOST_DEVICE DK_INLINE A paired_teachers(int64_t v, int64_t teachers, bool skip_same_view) {
+  A mass = 0;
+  for (int64_t t = 0; t < teachers; ++t) mass += A(paired(v, t, skip_same_view));
+  return mass;
+}
+
 // Merges the n_chunks records of row b (record c at records + c·chunk_stride) into the student statistics,
 // target_sum[v·B + b], the teacher statistics (logits only) and returns Σ_v ℓ_vb (unweighted, unscaled).
 // inv_student_temp = 1/τ_s and teacher_factor = 2/τ_t: the scales of the student and teacher exponents.
@@ -82,6 +113,9 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
       teacher_stats.log_sum(t, b) = std::log(s);
     }
   }
+  // Teacher t's statistics at teacher_max[t·batch] (logits only: the buffer is null for probability targets).
+  const A* teacher_max = teacher_logits ? &teacher_stats.max(0, b) : nullptr;
+  const A* teacher_log_sum = teacher_logits ? &teacher_stats.log_sum(0, b) : nullptr;
   A row_loss = 0;
   for (int64_t v = 0; v < layout.views; ++v) {
     A m = -INFINITY, s = 0;
@@ -90,24 +124,10 @@ DK_HOST_DEVICE A combine_row(const A* records, int64_t chunk_stride, int64_t n_c
       merge_max_sum(m, s, r[0], r[1], inv_student_temp);
     }
     A mass = 0, dot = 0;  // ΣP and ⟨P, x − m⟩
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      const A* r = records + c * chunk_stride;
-      const A shift = student_exponent(r[layout.student(v)], m, inv_student_temp);  // (m_vc − M)/τ_s ≤ 0
-      if (teacher_logits) {
-        for (int64_t t = 0; t < layout.teachers; ++t) {
-          if (!paired(v, t, skip_same_view)) continue;
-          const A weight = teacher_probability_scale(r[layout.teacher(t)], teacher_stats.max(t, b),
-                                                     teacher_stats.log_sum(t, b), teacher_factor);
-          dot += weight * (r[layout.pair(v, t)] + target_times_exponent(r[layout.teacher(t) + 1], shift));
-        }
-      } else {
-        dot += r[layout.student(v) + 2] + target_times_exponent(r[layout.student(v) + 3], shift);
-        mass += r[layout.student(v) + 3];
-      }
-    }
-    if (teacher_logits) {
-      for (int64_t t = 0; t < layout.teachers; ++t) mass += A(paired(v, t, skip_same_view));
-    }
+    for (int64_t c = 0; c < n_chunks; ++c)
+      add_chunk_dot(records + c * chunk_stride, layout, v, m, skip_same_view, teacher_logits,
+                    teacher_max, teacher_log_sum, batch, inv_student_temp, teacher_factor, dot, mass);
+    if (teacher_logits) mass = paired_teachers<A>(v, layout.teachers, skip_same_view);
     student_stats.max(v, b) = m;
     student_stats.log_sum(v, b) = std::log(s);
     target_sum[v * batch + b] = mass;

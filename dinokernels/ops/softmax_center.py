@@ -72,16 +72,12 @@ def softmax_center_op(teacher_logits: Tensor, center: Tensor, teacher_temp: floa
     else:
         device, stream = D.cuda_device_and_stream(teacher_logits)
         with torch.cuda.device(device):
-            flag = teacher_logits.new_zeros((), dtype=torch.int32)
-            if n > 0:
-                nbytes = _ext.module().softmax_center_workspace_bytes_cuda(n, k)
-                ws = D.workspace(nbytes, teacher_logits.device)
-                _ext.kernel(op, "cuda")(teacher_logits.data_ptr(), center.data_ptr(), code, n, k,
-                                        float(teacher_temp), probs.data_ptr(), flag.data_ptr(), ws.data_ptr(),
-                                        nbytes, device, stream)
-            if return_sum:
-                _ext.kernel("softmax_center_column_sum", "cuda")(teacher_logits.data_ptr(), code, n, k,
-                                                                 column_sum.data_ptr(), device, stream)
+            flag = teacher_logits.new_empty((), dtype=torch.int32)  # zeroed by the kernel
+            nbytes = _ext.module().softmax_center_workspace_bytes_cuda(n, k, return_sum)
+            ws = D.workspace(nbytes, teacher_logits.device)
+            _ext.kernel(op, "cuda")(teacher_logits.data_ptr(), center.data_ptr(), code, n, k, float(teacher_temp),
+                                    probs.data_ptr(), column_sum.data_ptr() if return_sum else 0, flag.data_ptr(),
+                                    ws.data_ptr(), nbytes, device, stream)
         bad = int(flag.item()) if _config.check_finite("cuda") and n > 0 else 0  # the read-back syncs
     check_sum = return_sum and _config.check_finite(teacher_logits.device.type)
     if check_sum and not bool(torch.isfinite(column_sum).all()):

@@ -697,6 +697,71 @@ def test_cuda_centered_matches_reference(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("S,T,B,K", [(2, 1, 1, 7), (17, 3, 2, 70001), (9, 2, 1, 81923)])
+def test_cuda_row_merge_matches_cpu_kernel(S, T, B, K):
+    """The CUDA row merge splits a row's 2048-column chunks over 32 lanes and its views over 8 warps: one chunk and
+    B = 1, more chunks than lanes (35, 41) and more views than warps (17, 9) match the CPU kernel in both teacher
+    modes, and a second run gives the same bits."""
+    student = torch.randn(S, B, K)
+    teacher = teacher_probs_like(T, B, K, torch.float32)
+    logits, center = torch.randn(T, B, K), torch.randn(K) * 0.5
+    # float32 on both sides; exponent arguments reach |z|/τ_s and |z_t − c|/τ_t
+    tol = tolerance(torch.float32, max(student.abs().max().item() / 0.1, (logits - center).abs().max().item() / 0.04))
+    for fn, args in ((dino_loss, (teacher, 0.1)), (dino_loss_centered, (logits, center, 0.04, 0.1))):
+        loss_cpu, grad_cpu = loss_and_grad(fn, student, *args)
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        loss_gpu, grad_gpu = loss_and_grad(fn, student.cuda(), *cuda_args)
+        torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad_gpu.cpu(), grad_cpu, rtol=max(tol, 1e-4),
+                                   atol=1e-5 * grad_cpu.abs().max().item())
+        again = loss_and_grad(fn, student.cuda(), *cuda_args)
+        assert torch.equal(again[0], loss_gpu) and torch.equal(again[1], grad_gpu)
+
+
+def _gpu_storage_and_view(values, offset):
+    """values on the GPU as a contiguous view starting `offset` elements into its storage (a misaligned pointer),
+    and that storage's tensor."""
+    storage = torch.zeros(values.numel() + offset, dtype=values.dtype, device="cuda")
+    storage[offset:] = values.reshape(-1).cuda()
+    return storage, storage[offset:].view(values.shape)
+
+
+def _gpu_view(values, offset):
+    return _gpu_storage_and_view(values, offset)[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("K", [4, 4099, 6144, 8196])
+def test_cuda_vector_and_scalar_paths_match_cpu_kernel(K, dtype):
+    """Packs of 4 columns are read 16 (float32) / 8 (16-bit) bytes at a time when K % 4 == 0 and every buffer is
+    aligned, element by element otherwise: aligned buffers, K off the vector width, and a student, teacher or
+    center view starting one element into its storage give the CPU kernel's loss and gradient, in both teacher
+    modes (16-bit teacher logits, float32 targets)."""
+    S, T, B = 3, 2, 2
+    student = torch.randn(S, B, K).to(dtype)
+    probs = teacher_probs_like(T, B, K, torch.float32)
+    logits, center = torch.randn(T, B, K).to(dtype), torch.randn(K) * 0.5
+    eps = torch.finfo(dtype).eps
+    tol = tolerance(torch.float32, max(student.float().abs().max().item() / 0.1,
+                                       (logits.float() - center).abs().max().item() / 0.04))
+    for student_off, teacher_off, center_off in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        cases = ((dino_loss, (probs, 0.1), (_gpu_view(probs, teacher_off), 0.1)),
+                 (dino_loss_centered, (logits.float(), center, 0.04, 0.1),
+                  (_gpu_view(logits, teacher_off), _gpu_view(center, center_off), 0.04, 0.1)))
+        for fn, cpu_args, gpu_args in cases:
+            loss_cpu, grad_cpu = loss_and_grad(fn, student.float(), *cpu_args)
+            storage = _gpu_storage_and_view(student, student_off)[0].requires_grad_(True)
+            loss_gpu = fn(storage[student_off:].view(S, B, K), *gpu_args)  # the kernel sees the view's pointer
+            grad_gpu = torch.autograd.grad(loss_gpu, storage)[0][student_off:].view(S, B, K)
+            assert grad_gpu.dtype == dtype
+            torch.testing.assert_close(loss_gpu.detach().cpu(), loss_cpu, rtol=tol, atol=tol)
+            # the gradient is rounded to `dtype` once: up to an ulp apart where float32 results straddle a rounding
+            torch.testing.assert_close(grad_gpu.float().cpu(), grad_cpu.to(dtype).float(),
+                                       rtol=max(2 * eps, tol, 1e-4), atol=1e-5 * grad_cpu.abs().max().item())
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu_kernel_deterministic_and_bad_input():
     student, teacher = torch.randn(4, 6, 5000), teacher_probs_like(2, 6, 5000, torch.float32)
     loss_cpu, grad_cpu = loss_and_grad(dino_loss, student, teacher, 0.1)

@@ -323,3 +323,24 @@ def test_cuda_matches_cpu_kernel_empty_and_bad_input():
     assert not torch.isfinite(ibot_patch_loss(student.cuda(), bad, weights.cuda(), 0.1)).all()
     _opcheck_soft_ce(student[:4, :33].contiguous().cuda().requires_grad_(), teacher[:4, :33].contiguous().cuda(),
                      weights[:4].cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("n,K", [(1, 4), (37, 4100)])
+def test_cuda_vector_and_scalar_paths_match_cpu_kernel(n, K, dtype):
+    """One view and one teacher (S = T = 1) through the 4-wide load path (K % 4 == 0, aligned) and, for a student
+    view starting one element into its storage, the element-wise path: the CPU kernel's loss and gradient."""
+    student, teacher, weights = torch.randn(n, K).to(dtype), targets(n, K, torch.float32), torch.rand(n)
+    loss_cpu, grad_cpu = loss_and_grad(ibot_patch_loss, student.float(), teacher, weights, 0.1)
+    tol = tolerance(torch.float32, student.float().abs().max().item() / 0.1)
+    eps = torch.finfo(dtype).eps
+    for offset in (0, 1):
+        storage = torch.zeros(n * K + offset, dtype=dtype, device="cuda")
+        storage[offset:] = student.reshape(-1).cuda()
+        storage.requires_grad_(True)
+        loss = ibot_patch_loss(storage[offset:].view(n, K), teacher.cuda(), weights.cuda(), 0.1)
+        grad = torch.autograd.grad(loss, storage)[0][offset:].view(n, K)
+        torch.testing.assert_close(loss.detach().cpu(), loss_cpu, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad.float().cpu(), grad_cpu.to(dtype).float(), rtol=max(2 * eps, tol, 1e-4),
+                                   atol=1e-5 * grad_cpu.abs().max().item())

@@ -319,3 +319,23 @@ def test_cuda_matches_cpu_kernel_huge_logits_and_bad_input():
         sinkhorn_knopp(bad, 0.04)
     assert not torch.isfinite(sinkhorn_knopp(bad, 0.04)).all()  # CUDA default: unchecked
     torch.library.opcheck(registered("sinkhorn_knopp"), (z[:7, :33].contiguous().cuda(), 0.04, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("N,K", [(3, 4), (64, 4100), (9, 65536)])
+def test_cuda_vector_and_scalar_row_paths(N, K, dtype):
+    """The sample and output steps read packs of 4 columns with one load when K % 4 == 0 and the pointers are
+    aligned, element by element otherwise, with the same columns per thread: an aligned input and the same values
+    in a view one element into its storage give the same bits, the CPU kernel's targets, and the staged
+    (distributed) path's."""
+    from dinokernels.ops.sinkhorn_knopp import _distributed
+
+    values = (torch.randn(N, K) * 0.7).to(dtype)
+    storage = torch.zeros(N * K + 1, dtype=dtype, device="cuda")
+    storage[1:] = values.reshape(-1).cuda()
+    aligned, shifted = values.cuda(), storage[1:].view(N, K)
+    out = sinkhorn_knopp(aligned, 0.07)
+    assert torch.equal(sinkhorn_knopp(shifted, 0.07), out)
+    torch.testing.assert_close(out.cpu(), sinkhorn_knopp(values.float(), 0.07), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(_distributed(aligned, 0.07, 3, None), out, rtol=1e-5, atol=1e-7)

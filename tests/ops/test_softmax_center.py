@@ -415,3 +415,39 @@ def test_cuda_rows_split_over_blocks():
         with _config.checking_finite(True), pytest.raises(ValueError, match="'teacher_logits'.*non-finite"):
             softmax_center(bad.cuda(), c.cuda(), 0.04)
         assert not torch.isfinite(softmax_center(bad.cuda(), c.cuda(), 0.04)).all()  # CUDA default: unchecked
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("N,K", [(1, 1), (9, 4), (100, 4099), (100, 8192), (17, 1027)])
+def test_cuda_vector_and_scalar_paths_with_fused_column_sum(N, K, dtype):
+    """4-wide loads and stores need K % 4 == 0 and aligned pointers: an aligned input and one starting one element
+    into its storage, K off the vector width, one and several 8-row tiles and 8 row groups give the CPU kernel's
+    targets and the float64 column sum from the same pass, with the same bits on a second run."""
+    base = (torch.randn(N * K + 1) * 3).to(dtype).cuda()
+    c = torch.randn(K) * 0.5
+    for z in (base[:N * K].view(N, K), base[1:].view(N, K)):  # aligned, then one element off (storage offset 1)
+        assert z.is_contiguous()
+        probs, total = softmax_center(z, c.cuda(), 0.04, return_sum=True)
+        z32 = z.float().cpu()
+        torch.testing.assert_close(probs.cpu(), softmax_center(z32, c, 0.04), rtol=1e-4, atol=1e-9)
+        sum64 = z32.double().sum(0)
+        err = (total.double().cpu() - sum64).abs()
+        allowed = torch.finfo(torch.float32).eps * (1 + z32.double().abs().sum(0))
+        assert bool((err <= allowed).all()), f"column sum error {err.max().item():.3g}"
+        again = softmax_center(z, c.cuda(), 0.04, return_sum=True)
+        assert torch.equal(again[0], probs) and torch.equal(again[1], total)
+        assert torch.equal(softmax_center(z, c.cuda(), 0.04), probs)  # without the sum: same targets
+
+
+@pytest.mark.cuda
+def test_cuda_chunk_of_minus_inf_adds_nothing():
+    """A whole 4096-column statistics chunk of −inf logits contributes nothing to its row's sum (not NaN)."""
+    k = 3 * 4096 + 5
+    z, c = torch.randn(3, k) * 2, torch.randn(k) * 0.5
+    z[1, :4096] = float("-inf")
+    z[2, 4096:] = float("-inf")
+    probs = softmax_center(z.cuda(), c.cuda(), 0.07)
+    exact = torch.softmax((z.double() - c.double()) / 0.07, dim=-1)
+    torch.testing.assert_close(probs.double().cpu(), exact, rtol=1e-4, atol=1e-9)
+    assert bool((probs[1, :4096] == 0).all()) and bool((probs[2, 4096:] == 0).all())

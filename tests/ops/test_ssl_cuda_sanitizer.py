@@ -49,3 +49,47 @@ def test_cuda_ssl_small_run_for_sanitizer():
             assert torch.isfinite(sinkhorn_knopp(z, 0.05)).all()
             assert torch.isfinite(_distributed(z, 0.05, 2, None)).all()
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_vector_paths_for_sanitizer():
+    """The 4-wide load paths (K % 4 == 0, aligned) and their scalar fallback on a view one element into its storage,
+    with the fused column sum over several row groups."""
+    for dtype in CUDA_DTYPES:
+        for n, k in [(1, 4), (9, 4104), (70, 1024)]:
+            base = torch.randn(n * k + 1, device="cuda").to(dtype)
+            for z in (base[:n * k].view(n, k), base[1:].view(n, k)):
+                probs, column_sum = softmax_center(z, torch.randn(k, device="cuda"), 0.04, return_sum=True)
+                assert torch.isfinite(probs).all() and torch.isfinite(column_sum).all()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_soft_ce_vector_paths_for_sanitizer():
+    """The soft CE forward and backward with 4-wide loads (K % 4 == 0, aligned; with a chunk narrower than the
+    last pack in logits mode at T = 6) and their scalar fallback on a student starting one element into its storage."""
+    for dtype in CUDA_DTYPES:
+        for s, t, b, k in [(2, 1, 1, 4), (3, 2, 2, 4104), (6, 6, 1, 2052)]:
+            for offset in (0, 1):
+                storage = torch.randn(s * b * k + offset, device="cuda").to(dtype).requires_grad_()
+                student = storage[offset:].view(s, b, k)
+                probs = torch.softmax(torch.randn(t, b, k, device="cuda"), -1)
+                logits = torch.randn(t, b, k, device="cuda").to(dtype)
+                loss = dino_loss(student, probs) + dino_loss_centered(student, logits, torch.randn(k, device="cuda"),
+                                                                      0.04)
+                loss.backward()
+                assert torch.isfinite(storage.grad.float()).all()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_sinkhorn_vector_paths_for_sanitizer():
+    """Sinkhorn-Knopp's row kernels with 4-wide loads (K % 4 == 0, aligned), single-call and staged, and their
+    element-wise fallback on a view one element into its storage."""
+    for dtype in CUDA_DTYPES:
+        for n, k in [(1, 4), (5, 4100)]:
+            storage = torch.randn(n * k + 1, device="cuda").to(dtype)
+            for z in (storage[:n * k].view(n, k), storage[1:].view(n, k)):
+                assert torch.isfinite(sinkhorn_knopp(z, 0.05)).all()
+                assert torch.isfinite(_distributed(z, 0.05, 2, None)).all()
+    torch.cuda.synchronize()
