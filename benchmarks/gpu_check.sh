@@ -35,7 +35,7 @@ fi
 step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v . || { echo "build failed"; exit 1; }
 # -P keeps the source tree (which has no compiled module) off sys.path: the installed package is what runs.
 step info 30 bash -c "nvidia-smi; '$PY' -P -m dinokernels info"
-DINOKERNELS_REQUIRE_CUDA=1 step tests_cuda "${TESTS_LIMIT:-200}" "$PY" -P -m pytest tests -q -p no:cacheprovider -m cuda
+DINOKERNELS_REQUIRE_CUDA=1 step tests_cuda "${TESTS_LIMIT:-200}" "$PY" -P -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider -m cuda
 # CI runs the CPU tests; SKIP_CPU_TESTS=1 saves device time.
 [ "${SKIP_CPU_TESTS:-0}" = 1 ] || step tests_cpu 200 "$PY" -P -m pytest tests -q -p no:cacheprovider -m "not cuda"
 # memcheck and racecheck as separate steps, so that a failure under one does not hide the other.
