@@ -365,6 +365,9 @@ def copy_bandwidth_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / median / 1e9
 
 
+MANUAL_MARKER = "<!-- recorded by hand below: kept by --render -->"
+
+
 def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):
     """RESULTS.md: per benchmark and device, the latest run's table (from the JSON-lines log)."""
     records = [json.loads(line) for line in open(jsonl)] if jsonl.exists() else []
@@ -392,7 +395,12 @@ def render_results_md(jsonl: Path = DEFAULT_JSONL, out: Path = RESULTS_MD):
         notes = [r["note"] for r in rows if r.get("note")]
         for note in dict.fromkeys(notes):
             parts += [note, ""]
-    out.write_text("\n".join(parts).rstrip() + "\n")
+    # Runs whose records could not come back as JSON lines (a device machine returns a few files) are kept by
+    # hand below MANUAL_MARKER; rendering keeps that part as it is.
+    manual = ""
+    if out.exists() and MANUAL_MARKER in out.read_text():
+        manual = "\n" + out.read_text().split(MANUAL_MARKER, 1)[1].strip()
+    out.write_text("\n".join(parts).rstrip() + "\n" + (f"\n{MANUAL_MARKER}{manual}\n" if manual else ""))
 
 
 if __name__ == "__main__":
