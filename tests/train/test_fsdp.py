@@ -279,11 +279,14 @@ def test_fsdp_bf16_compute_trains_near_float32(runs):
     assert all(v.dtype == torch.float32 for v in ckpt["method"].values() if v.is_floating_point())
 
 
-def test_fsdp_in_one_process_equals_plain_training(tmp_path):
-    """Without torchrun, --fsdp runs on a process group of one (and ends it): the same run as without FSDP."""
-    plain = train_dino(make_config(**dict(DINOV2, epochs=1, subset=8, out=str(tmp_path / "plain"))))
+@pytest.mark.parametrize("separate_head", [True, False])
+def test_fsdp_in_one_process_equals_plain_training(tmp_path, separate_head):
+    """Without torchrun, --fsdp runs on a process group of one (and ends it): the same run as without FSDP. With
+    the default shared head, FSDP runs the DINO head twice per step (CLS and masked patch tokens)."""
+    run = dict(DINOV2, epochs=1, subset=8, ibot_separate_head=separate_head)
+    plain = train_dino(make_config(**dict(run, out=str(tmp_path / "plain"))))
     assert plain["fsdp"] is False
-    sharded = train_dino(make_config(**dict(DINOV2, epochs=1, subset=8, out=str(tmp_path / "fsdp"), fsdp=True)))
+    sharded = train_dino(make_config(**dict(run, out=str(tmp_path / "fsdp"), fsdp=True)))
     assert not torch.distributed.is_initialized()
     assert sharded["fsdp"] is True and sharded["world_size"] == 1
     torch.testing.assert_close(_losses(tmp_path / "fsdp"), _losses(tmp_path / "plain"), rtol=1e-6, atol=0)
