@@ -16,6 +16,7 @@ arguments reuses the finished shards and writes the same manifest. Outputs are w
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -134,6 +135,27 @@ def _write_calibration_copies(pool: _Set, sample: np.ndarray, folder: str) -> Li
     return out
 
 
+def _forget_other_calibration(out: str, sample_paths: List[str]) -> None:
+    """Copies are named by their position in the sample: a resumed run whose sample differs (another
+    --calibration-images, a changed pool) must not compare old copies with new originals, so the calibration
+    folder (copies and their embeddings) is made again. The sample's pool paths are kept beside it."""
+    folder = os.path.join(out, "calibration")
+    record = os.path.join(folder, "sample.json")
+    previous = None
+    if os.path.isfile(record):
+        with open(record) as f:
+            previous = json.load(f)
+    if previous != sample_paths:
+        for sub in (folder, os.path.join(out, "embeddings", "calibration")):
+            if os.path.isdir(sub):
+                shutil.rmtree(sub)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{record}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(sample_paths, f)
+        os.replace(tmp, record)
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 
 def _embed(config: CurateConfig, model, root: str, name: str, log, on_batch=None) -> _Set:
@@ -215,6 +237,7 @@ def curate(config: CurateConfig, log: Callable[[str], None] = print, model=None,
     else:
         sample = _sample_rows(n, config.calibration_images)
         copy_dir = os.path.join(config.out, "calibration", "images")
+        _forget_other_calibration(config.out, [pool.paths[row] for row in sample])
         copies = _write_calibration_copies(pool, sample, copy_dir)
         cal_set = _embed(config, model, copy_dir, "calibration", log, on_batch)
         where = {p: i for i, p in enumerate(cal_set.paths)}

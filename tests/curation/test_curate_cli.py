@@ -225,3 +225,17 @@ def test_bad_arguments_exit_2(planted_folders, thumbnail_checkpoint, tmp_path, c
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_rerun_with_another_calibration_sample_recalibrates(full_run, thumbnail_checkpoint, tmp_path):
+    """Copies are named by their place in the sample: a rerun in the same --out with another sample size must make
+    them again, not compare old copies with new originals (which once removed nearly the whole pool)."""
+    root, expect, out, _, _ = full_run
+    fresh = json.load(open(os.path.join(out, "summary.json")))["threshold"]
+    o = tmp_path / "o"
+    shutil.copytree(os.path.join(out, "embeddings"), o / "embeddings")
+    assert _run(_args(root, thumbnail_checkpoint, str(o), "--calibration-images", "3"))[0] == 0
+    code, _, err = _run(_args(root, thumbnail_checkpoint, str(o)))
+    assert code == 0, err
+    assert json.load(open(o / "summary.json"))["threshold"] == pytest.approx(fresh, abs=1e-6)
+    assert _manifest(str(o)) == _manifest(out)
