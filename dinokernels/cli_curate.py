@@ -61,7 +61,8 @@ def add_curate_commands(commands) -> None:
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
                    help="search and k-means: faiss, or the exact torch fallback (default: faiss when installed)")
     p.add_argument("--exact-max", type=positive_int(), dest="exact_max",
-                   help="largest pool searched exactly (20000); above: a faiss IVF index with its recall reported")
+                   help="largest pool searched exactly (20000; also any search of at most 2e9 query x pool pairs); above: "
+                        "a faiss IVF index with its recall reported")
     p.add_argument("--nprobe", type=positive_int(1 << 20),
                    help="IVF lists probed (default 16; raise it when the reported recall is low)")
     p.add_argument("--pq-bytes", type=positive_int(4096), dest="pq_bytes",

@@ -262,7 +262,12 @@ def retrieve_main(args) -> int:
     device = _device(args.device)
     result = retrieve(q_feats, g_feats, k=max(args.ks), query_labels=q_labels, gallery_labels=g_labels,
                       ks=args.ks, query_paths=q_paths, gallery_paths=g_paths, device=device)
-    if result.metrics is not None:
+    if result.metrics is not None and not result.metrics.get("scored_queries"):
+        # Labels, but no query has a labelled positive in the gallery: no metric is defined (not NaN in the JSON).
+        print(f"ranked {len(g_paths)} gallery images for {len(q_paths)} queries (no query has a labelled positive "
+              f"in the gallery: no metrics)")
+        result.metrics = None
+    elif result.metrics is not None:
         m = result.metrics
         parts = [f"mAP {m['mAP']:.4f}"] + [f"recall@{k} {m[f'recall@{k}']:.4f}" for k in sorted(set(args.ks))]
         print("  ".join(parts) + f"  ({m['scored_queries']} queries scored, {m['skipped_queries']} without a "

@@ -259,8 +259,11 @@ def probe_main(args) -> int:
     head = head.to(device)
 
     # 4. Evaluation, pictures, metrics.
-    result = dense.evaluate_dense_probe(head, task, val, args.out, num_classes=num_classes,
-                                        baseline=head_info.get("baseline"))
+    try:
+        result = dense.evaluate_dense_probe(head, task, val, args.out, num_classes=num_classes,
+                                            baseline=head_info.get("baseline"))
+    except ValueError as e:  # a class the head lacks in a full-size mask, or no evaluable image
+        raise UsageError(f"--val {val_dir!r}: {e}") from e
     report = {"task": task, "checkpoint": args.checkpoint, "backbone": model.source, "which": args.which,
               "train": None if train is None else {"folder": train_dir, "images": train.patch.shape[0],
                                                    "skipped": [{"path": p, "reason": r} for p, r in train.skipped]},

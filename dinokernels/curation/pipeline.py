@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .dedup import calibrate_threshold, duplicate_components, eval_copies
-from .search import EXACT_MAX, available_backend, normalize_rows
+from .search import EXACT_MAX, EXACT_PAIRS_MAX, available_backend, normalize_rows
 from .select import retrieve_by_clusters, retrieve_nearest
 
 __all__ = ["CurateConfig", "curate", "dry_run", "format_summary", "make_copies", "COPY_KINDS"]
@@ -375,7 +375,9 @@ def dry_run(config: CurateConfig) -> Dict[str, Any]:
                                                               ("eval", config.eval)) if root}
     n = counts["pool"]
     backend = available_backend(config.backend)
-    index = "exact" if backend == "torch" or n <= config.exact_max else "IVF" + ("PQ" if config.pq_bytes else "")
+    # The rule of search.knn_search for the deduplication (pool against itself).
+    exact = backend == "torch" or n <= config.exact_max or n * n <= EXACT_PAIRS_MAX
+    index = "exact" if exact else "IVF" + ("PQ" if config.pq_bytes else "")
     return {"dry_run": True, "files": counts, "search_backend": backend, "dedup_index": index,
             "threshold": config.threshold if config.threshold is not None else
             f"calibrated on {min(n, config.calibration_images)} images × {len(COPY_KINDS)} synthetic copies",

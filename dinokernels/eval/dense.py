@@ -497,7 +497,7 @@ def evaluate_dense_probe(head: LinearDenseHead, task: str, val: DenseFeatures, o
         if task == "depth":
             os.makedirs(os.path.join(out_dir, "depth_mm"), exist_ok=True)
     confusion = base_confusion = None
-    per_image, base_per_image, rows, skipped = [], [], [], []
+    per_image, per_image_stems, base_per_image, rows, skipped = [], [], [], [], []
     for i, stem in enumerate(val.stems):
         try:
             label = read_label(val.label_paths[i], task)
@@ -523,6 +523,7 @@ def evaluate_dense_probe(head: LinearDenseHead, task: str, val: DenseFeatures, o
             gt = torch.from_numpy(label)
             m = depth_image_metrics(pred, gt)
             per_image.append(m)
+            per_image_stems.append(stem)  # a skipped label leaves no entry: stems paired here, not by position
             if baseline is not None:
                 base_per_image.append(depth_image_metrics(torch.full_like(pred, float(baseline)), gt))
             lo, hi = float(head.min_depth), float(head.max_depth)
@@ -551,7 +552,7 @@ def evaluate_dense_probe(head: LinearDenseHead, task: str, val: DenseFeatures, o
         result["metrics"] = depth_metrics(per_image)
         if base_per_image:
             result["baseline"] = {"predicts_depth_m": float(baseline), **depth_metrics(base_per_image)}
-        result["per_image"] = [{"stem": s, **(m or {"rmse": None})} for s, m in zip(val.stems, per_image)]
+        result["per_image"] = [{"stem": s, **(m or {"rmse": None})} for s, m in zip(per_image_stems, per_image)]
     return result
 
 

@@ -340,12 +340,14 @@ def _ok_records(out_dir: str, allow_partial: bool) -> Tuple[Dict, List[Dict]]:
 
 def _stack(out_dir: str, prefix: str, recs: List[Dict]) -> np.ndarray:
     parts = []
-    for k in sorted({r["shard"] for r in recs}):
+    rows_of_shard: Dict[int, List[int]] = {}  # grouped once: a scan of every record per shard is quadratic
+    for r in recs:  # recs are sorted by (shard, row)
+        rows_of_shard.setdefault(r["shard"], []).append(r["row"])
+    for k, rows in sorted(rows_of_shard.items()):
         path = os.path.join(out_dir, _shard_name(prefix, k))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"embeddings folder {out_dir!r}: {_shard_name(prefix, k)} is missing")
         arr = np.load(path, mmap_mode="r")
-        rows = [r["row"] for r in recs if r["shard"] == k]
         if rows and max(rows) >= arr.shape[0]:
             raise ValueError(f"embeddings folder {out_dir!r}: {_shard_name(prefix, k)} has {arr.shape[0]} rows, "
                              f"the manifest names row {max(rows)}")

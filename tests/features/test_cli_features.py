@@ -142,3 +142,15 @@ def test_bad_input_is_one_line(files, capsys):
                    "--query", "no image files")
     arr = np.load(tmp / "o" / "shard_00000.npy")
     assert arr.shape == (12, 64)
+
+
+def test_retrieve_labels_without_any_positive_give_no_metrics_not_nan(files, capsys):
+    ckpt, _, gallery, tmp = files
+    query = tmp / "other_query"
+    write_image_folder(str(query), classes=("yellow",), per_class=2, seed=3)  # a class the gallery lacks
+    rc, stdout, err = cli(capsys, "retrieve", "--checkpoint", ckpt, "--query", query, "--gallery", gallery,
+                          "--image-size", "16", "--k", "1", "--out", tmp / "r.json", "--no-progress")
+    assert rc == 0, err
+    assert "no metrics" in stdout and "nan" not in stdout.lower()
+    text = (tmp / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text)["metrics"] is None
