@@ -153,7 +153,6 @@ def _folder(path: str, task: str, flag: str):
 
 
 def probe_main(args) -> int:
-    import torch
 
     from .eval import dense
 
