@@ -232,11 +232,6 @@ NONFINITE = {"nan", "+inf", "-inf"}
 # Probes that fail today (issue 16, reported to the lead): each reason says what is wrong, for every backend or
 # ({backend: reason}) for some. strict=True: a fix turns them into failures, and the mark is removed.
 OPEN_XFAIL = {
-    # Duplicate rows: KoLeo's log(‖x̂_i − x̂_j + 1e-8‖ + eps) magnifies the kernel's float32 rounding of the distance
-    # (also torch.full((6, 8), 0.7) gives 16.45 instead of 17.08); the rows no longer overflow to zero vectors,
-    # which used to hide it.
-    "koleo_loss-x-all-1e38": {"kernel": "identical rows: the kernel's distance is off at the 1e-8 level that "
-                                        "log(d + 1e-8) magnifies (csrc/koleo)"},
     # the reference backend is the float64-exact log-domain form itself
     "sinkhorn_knopp-teacher_logits-1e38": {"kernel": "one logit of 1e38: the scaling-vector CPU path and the "
                                                      "float64 log-domain reference give different balanced rows"},

@@ -296,6 +296,25 @@ void search_general(const T* x, int64_t n, const T* packed, int64_t m, int64_t d
   repair_missing(n, m, exclude_self, out_idx);
 }
 
+// out[d] = a[d]·sa − b[d]·sb + δ with both products rounded before the subtraction. The build contracts a·sa − b·sb
+// into a fused multiply-add, which keeps one product unrounded: two identical rows then differ by a rounding error
+// instead of exactly 0, and log(d + 1e-8) magnifies it (a batch with a duplicated image got a wrong loss).
+#if defined(__clang__)
+#define DK_NO_FP_CONTRACT __attribute__((noinline))
+#elif defined(__GNUC__)
+#define DK_NO_FP_CONTRACT __attribute__((noinline, optimize("fp-contract=off")))
+#else
+#define DK_NO_FP_CONTRACT
+#endif
+template <typename T>
+DK_NO_FP_CONTRACT void scaled_difference(const T* __restrict__ a, T sa, const T* __restrict__ b, T sb, T delta,
+                                         T* __restrict__ out, int64_t dim) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t d = 0; d < dim; ++d) out[d] = a[d] * sa - b[d] * sb + delta;
+}
+
 template <typename T>
 int64_t koleo_forward_impl(const T* x, int64_t n, int64_t dim, T eps, T* loss, int64_t* nn_index, T* norms,
                            T* dists, T* packed, int num_threads) {
@@ -320,7 +339,7 @@ int64_t koleo_forward_impl(const T* x, int64_t n, int64_t dim, T eps, T* loss, i
       const int64_t j = nn_index[i];
       const T *__restrict__ xi = x + i * dim, *__restrict__ xj = x + j * dim;
       const T inv_i = T(1) / norms[i], inv_j = T(1) / norms[j];
-      for (int64_t k = 0; k < dim; ++k) diff[k] = xi[k] * inv_i - xj[k] * inv_j + delta;
+      scaled_difference<T>(xi, inv_i, xj, inv_j, delta, diff, dim);
       dists[i] = std::sqrt(cpu::dot(diff, diff, dim));
     }
   }
@@ -345,9 +364,10 @@ void koleo_backward_impl(T grad_loss, const T* x, int64_t n, int64_t dim, T eps,
   const T delta = T(kPairwiseEps);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<T> scratch(2 * dim);
+    std::vector<T> scratch(3 * dim);
     T* __restrict__ grad_unit = scratch.data();  // (dim,) dL/dx̂_k
     T* __restrict__ unit_k = scratch.data() + dim;  // (dim,) x̂_k
+    T* __restrict__ pair = scratch.data() + 2 * dim;  // (dim,) x̂_a − x̂_b + δ of one pair
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n; ++k) {
       const T* __restrict__ xk = x + k * dim;
@@ -357,14 +377,16 @@ void koleo_backward_impl(T grad_loss, const T* x, int64_t n, int64_t dim, T eps,
         const T* __restrict__ xj = x + nn_index[k] * dim;
         const T inv_j = T(1) / norms[nn_index[k]];
         const T coef = koleo_diff_coef<T>(grad_loss, dists[k], eps, n);
-        for (int64_t d = 0; d < dim; ++d) grad_unit[d] = coef * (unit_k[d] - xj[d] * inv_j + delta);
+        scaled_difference<T>(xk, inv_k, xj, inv_j, delta, pair, dim);
+        for (int64_t d = 0; d < dim; ++d) grad_unit[d] = coef * pair[d];
       }
       for (int64_t e = start[k]; e < start[k + 1]; ++e) {  // rows i with nn(i) = k: - coef_i (x̂_i - x̂_k + δ)
         const int64_t i = chosen_by[e];
         const T* __restrict__ xi = x + i * dim;
         const T inv_i = T(1) / norms[i];
         const T coef = koleo_diff_coef<T>(grad_loss, dists[i], eps, n);
-        for (int64_t d = 0; d < dim; ++d) grad_unit[d] -= coef * (xi[d] * inv_i - unit_k[d] + delta);
+        scaled_difference<T>(xi, inv_i, xk, inv_k, delta, pair, dim);
+        for (int64_t d = 0; d < dim; ++d) grad_unit[d] -= coef * pair[d];
       }
       const T dot = cpu::dot(unit_k, grad_unit, dim);
       T* __restrict__ gk = grad_x + k * dim;

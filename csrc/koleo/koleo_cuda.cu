@@ -253,7 +253,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const float inv_j = 1.f / norms[j];
     const float coef = koleo_diff_coef<float>(g, dists[k], eps, n);
     for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-      grad_unit[d] = coef * (to_float(xk[d]) * inv_k - to_float(x[j * dim + d]) * inv_j + delta);
+      // __fmul_rn: both products rounded (no FMA contraction), so identical rows give exactly δ as in the forward
+      grad_unit[d] = coef * (__fmul_rn(to_float(xk[d]), inv_k) - __fmul_rn(to_float(x[j * dim + d]), inv_j) + delta);
   }
   for (int64_t c0 = 0; c0 < n; c0 += kIndexChunk) {
     __syncthreads();
@@ -268,7 +269,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
         const float inv_i = 1.f / norms[i];
         const float coef = koleo_diff_coef<float>(g, dists[i], eps, n);
         for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-          grad_unit[d] -= coef * (to_float(x[i * dim + d]) * inv_i - to_float(xk[d]) * inv_k + delta);
+          grad_unit[d] -= coef * (__fmul_rn(to_float(x[i * dim + d]), inv_i) - __fmul_rn(to_float(xk[d]), inv_k) +
+                                  delta);
       }
     }
   }

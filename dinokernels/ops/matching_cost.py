@@ -160,8 +160,11 @@ def matching_cost(pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, po
     if D.use_reference(op, pred_logits.device):
         # Padding past tgt_counts is never read by the kernels: zero boxes there, so that garbage cannot raise.
         tgt_boxes = torch.where(valid[..., None], tgt_boxes, torch.zeros_like(tgt_boxes))
-        dtype = torch.promote_types(pred_logits.dtype, pred_boxes.dtype)
-        args = (pred_logits, pred_boxes, tgt_boxes)
+        # The kernels return float64 for float64 input and float32 otherwise (16-bit input is computed in float32,
+        # which torch.cdist needs anyway): the reference does the same.
+        on_cpu64 = pred_logits.device.type == "cpu" and pred_logits.dtype == torch.float64
+        dtype = torch.float64 if on_cpu64 else torch.float32
+        args = tuple(t.to(dtype) for t in (pred_logits, pred_boxes, tgt_boxes))
         if checked and dtype != torch.float64 and _largest_box(pred_boxes, tgt_boxes, valid) > 2.0 ** 60:
             # the reference's float32 box conversion would overflow first: exact in float64, then rounded
             args = tuple(t.double() for t in args)

@@ -129,6 +129,20 @@ def test_duplicate_rows_give_finite_loss_and_gradient():
     assert koleo_forward(same, 1e-8)[1].tolist() == [1, 0, 0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_duplicate_rows_loss_matches_float64(seed):
+    """A duplicated image in a float32 batch: its distance must be exactly the 1e-8·√D of identical rows. A fused
+    multiply-add in x_i/‖x_i‖ − x_j/‖x_j‖ once left a rounding error there that the log magnified (0.6 % off)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 24, generator=g)
+    x[5] = x[2]
+    x[9] = x[0]
+    expected = koleo_reference(x.double())
+    torch.testing.assert_close(koleo_loss(x).double(), expected, rtol=2e-6, atol=0)
+    same = torch.full((6, 8), 0.7)  # every row identical
+    torch.testing.assert_close(koleo_loss(same).double(), koleo_reference(same.double()), rtol=2e-6, atol=0)
+
+
 def test_zero_and_tiny_rows():
     x = torch.randn(6, 8, dtype=torch.float64)
     x[2] = 0.0

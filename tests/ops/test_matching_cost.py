@@ -236,3 +236,16 @@ def test_cuda_matching_small_run_for_sanitizer():
         pairs = linear_sum_assignment(cost, num_rows=[33, 0, 1, 7, 20], num_cols=[7, 3, 7, 1, 0])
         assert [len(r) for r, _ in pairs] == [7, 0, 1, 1, 0]
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference", "fallback"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_give_a_float32_cost_on_every_backend(backend, dtype):
+    """16-bit input is computed in float32 on every backend (torch.cdist has no 16-bit CPU kernel) and the cost is
+    float32, equal to the cost of the same values given in float32."""
+    logits, pred, tgt, pmap, counts = make_inputs(2, 9, 11, 4, [4, 1], dtype=torch.float32)
+    low = tuple(t.to(dtype) for t in (logits, pred, tgt))
+    out = matching_cost(*low, pmap, torch.tensor(counts))
+    assert out.dtype == torch.float32
+    expected = matching_cost(*(t.float() for t in low), pmap, torch.tensor(counts))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
