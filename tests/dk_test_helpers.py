@@ -67,3 +67,36 @@ def backend(request):
         pytest.skip("the compiled module did not load")
     with running_on(request.param):
         yield request.param
+
+
+def launch_ranks(folder, worker_source: str, argument: str, world: int = 2, timeout: float = 300.0):
+    """Runs `worker_source` as `world` gloo ranks (RANK, WORLD_SIZE, a file store in `folder`, one thread each, the
+    kernel backend) with `argument` as argv[1]; fails the test with every rank's output if one exits non-zero or the
+    run outlasts `timeout`. Returns the ranks' outputs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = os.path.join(folder, "worker.py")
+    with open(script, "w") as f:
+        f.write(worker_source)
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+                   DINOKERNELS_INIT_METHOD="file://" + os.path.join(folder, "store"), DINOKERNELS_BACKEND="kernel")
+        procs.append(subprocess.Popen([sys.executable, script, argument], cwd=folder, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for p in procs:  # a failed rank leaves the other waiting in a collective
+        if p.poll() is None:
+            p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{logs[r]}" for r, p in enumerate(procs)),
+                    pytrace=False)
+    return logs

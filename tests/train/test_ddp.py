@@ -1,14 +1,11 @@
 """Two CPU processes (gloo, file:// rendezvous, no torchrun) train DINO with DDP for a couple of steps; the result
 equals one process training on both processes' images (the same global batch)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 import torch
+from dk_test_helpers import launch_ranks
 
 from dinokernels.train.checkpoint import load_checkpoint
 from dinokernels.train.config import make_config
@@ -38,28 +35,7 @@ WORKER = textwrap.dedent("""
 
 
 def _launch(folder, settings):
-    script = os.path.join(folder, "worker.py")
-    with open(script, "w") as f:
-        f.write(WORKER)
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",
-                   DINOKERNELS_INIT_METHOD="file://" + os.path.join(folder, "store"), DINOKERNELS_BACKEND="kernel")
-        procs.append(subprocess.Popen([sys.executable, script, json.dumps(settings)], cwd=folder, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + 240
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for p in procs:  # a failed rank leaves the other waiting in a collective
-        if p.poll() is None:
-            p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{logs[r]}" for r, p in enumerate(procs)),
-                    pytrace=False)
-    return logs
+    return launch_ranks(folder, WORKER, json.dumps(settings), WORLD, timeout=240)
 
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

@@ -13,13 +13,11 @@ its backbone loads into a DinoVisionTransformer."""
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 import torch
+from dk_test_helpers import launch_ranks
 
 from dinokernels.cli import main as cli_main
 from dinokernels.train.checkpoint import load_checkpoint
@@ -83,27 +81,7 @@ WORKER = textwrap.dedent("""
 
 
 def _launch(folder, runs):
-    script = os.path.join(folder, "worker.py")
-    with open(script, "w") as f:
-        f.write(WORKER)
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",
-                   DINOKERNELS_INIT_METHOD="file://" + os.path.join(folder, "store"), DINOKERNELS_BACKEND="kernel")
-        procs.append(subprocess.Popen([sys.executable, script, json.dumps(runs)], cwd=folder, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + 300
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for p in procs:  # a failed rank leaves the other waiting in a collective
-        if p.poll() is None:
-            p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{logs[r]}" for r, p in enumerate(procs)),
-                    pytrace=False)
+    logs = launch_ranks(folder, WORKER, json.dumps(runs), WORLD, timeout=300)
     shards = [json.load(open(os.path.join(folder, f"shards{r}.json"))) for r in range(WORLD)]
     return logs, shards
 
@@ -248,7 +226,11 @@ def test_fsdp_resume_under_fsdp_continues_the_run(runs):
 
 def test_fsdp_checkpoint_loads_and_resumes_in_one_process_without_fsdp(runs, tmp_path):
     from dinokernels.models import dinov2
-    from dinokernels.train.methods import DINOv2TrainingMethod, build_dinov2_backbone, dinov2_checkpoint_backbone
+    from dinokernels.train.methods import (
+        DINOv2TrainingMethod,
+        build_dinov2_backbone,
+        dinov2_checkpoint_backbone,
+    )
 
     path = os.path.join(runs["out"]["v2_fsdp"], "checkpoint0000.pth")
     ckpt = load_checkpoint(path)
