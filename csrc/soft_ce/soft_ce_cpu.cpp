@@ -531,6 +531,20 @@ void forward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
   });
 }
 
+// The arguments the gradient entry points (forward+backward, backward) share: one list of checks for both.
+static void check_gradient_args(const Args& a, int dtype, std::uintptr_t student, std::uintptr_t teacher,
+                                std::uintptr_t center, std::uintptr_t scalar, const char* scalar_name,
+                                std::uintptr_t student_stats, std::uintptr_t target_sum, std::uintptr_t teacher_stats,
+                                std::uintptr_t grad_student) {
+  check_args(a, dtype, student, teacher, center);
+  DK_CHECK_ARG(a.teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", a.teachers);
+  check_pointer(as_ptr<void>(scalar), kOp, scalar_name);
+  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
+  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
+  if (a.teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
+  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+}
+
 void forward_backward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t center,
                           std::uintptr_t weights, int dtype, int64_t views, int64_t teachers, int64_t batch,
                           int64_t classes, bool skip_same_view, bool teacher_logits, double student_temp,
@@ -538,13 +552,8 @@ void forward_backward_cpu(std::uintptr_t student, std::uintptr_t teacher, std::u
                           std::uintptr_t target_sum, std::uintptr_t teacher_stats, std::uintptr_t grad_student,
                           int num_threads) {
   const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
-  check_args(a, dtype, student, teacher, center);
-  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
-  check_pointer(as_ptr<void>(loss), kOp, "loss");
-  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
-  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
-  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  check_gradient_args(a, dtype, student, teacher, center, loss, "loss", student_stats, target_sum, teacher_stats,
+                      grad_student);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     forward_backward_impl<T>(a, as_ptr<const T>(student), as_ptr<const T>(teacher), as_ptr<const T>(center),
@@ -560,13 +569,8 @@ void backward_cpu(std::uintptr_t grad_loss, std::uintptr_t student, std::uintptr
                   double teacher_temp, double scale, std::uintptr_t student_stats, std::uintptr_t target_sum,
                   std::uintptr_t teacher_stats, std::uintptr_t grad_student, int num_threads) {
   const Args a{views, teachers, batch, classes, skip_same_view, teacher_logits, student_temp, teacher_temp, scale};
-  check_args(a, dtype, student, teacher, center);
-  DK_CHECK_ARG(teachers <= 64, kOp, "teacher", "may have at most 64 views, got ", teachers);
-  check_pointer(as_ptr<void>(grad_loss), kOp, "grad_loss");
-  check_pointer(as_ptr<void>(student_stats), kOp, "student_stats");
-  check_pointer(as_ptr<void>(target_sum), kOp, "target_sum");
-  if (teacher_logits) check_pointer(as_ptr<void>(teacher_stats), kOp, "teacher_stats");
-  check_pointer(as_ptr<void>(grad_student), kOp, "grad_student");
+  check_gradient_args(a, dtype, student, teacher, center, grad_loss, "grad_loss", student_stats, target_sum,
+                      teacher_stats, grad_student);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     backward_impl<T>(a, *as_ptr<const T>(grad_loss), as_ptr<const T>(student), as_ptr<const T>(teacher),
