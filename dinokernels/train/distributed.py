@@ -80,7 +80,11 @@ def init_single_process_group(device: str) -> None:
 
 
 def cleanup_distributed() -> None:
+    """Ends the process group. Every rank first waits at a barrier: a rank that tears its gloo connections down
+    while another still works (saving the final checkpoint) can abort at exit, failing a finished run."""
     if is_distributed():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

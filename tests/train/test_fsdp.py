@@ -76,6 +76,7 @@ WORKER = textwrap.dedent("""
                 torch.save(final.state_dict(), f"eval_{name}.pth")
     with open(f"shards{os.environ['RANK']}.json", "w") as f:
         json.dump(shards, f)
+    built.clear()  # as after a CLI run: the sharded models are gone before the group ends
     cleanup_distributed()
 """)
 
