@@ -63,12 +63,22 @@ class BiMultiHeadAttention(nn.Module):
 
     def forward(self, v: Tensor, l: Tensor, attention_mask_v: Optional[Tensor] = None,
                 attention_mask_l: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        query = self._heads(self.v_proj(v) * self.scale)  # (B, H, S, e)
-        key = self._heads(self.l_proj(l))  # (B, H, T, e)
-        value_v = self._heads(self.values_v_proj(v))
-        value_l = self._heads(self.values_l_proj(l))
+        # The image has S ≈ 17k tokens at 800×1333, the caption T ≲ 256, so the three image-side projections
+        # (v_dim → embed_dim on every image token) are folded into the text side by associativity: no (B, S,
+        # embed_dim) tensor is formed and the image side costs O(S·T·v_dim) instead of O(S·embed_dim·v_dim). The
+        # function is the official one; only the rounding differs.
+        b, s, _ = v.shape
+        t = l.shape[1]
+        h, e = self.num_heads, self.head_dim
+        key = self._heads(self.l_proj(l)) * self.scale  # (B, H, T, e), the query's scale moved onto the key
+        value_l = self._heads(self.values_l_proj(l))  # (B, H, T, e)
 
-        logits = query @ key.transpose(-1, -2)  # (B, H, S, T)
+        # logits[b,h,s,t] = (W_q[h] v[b,s] + b_q[h]) · key[b,h,t]: key projected back to v_dim per head.
+        w_q = self.v_proj.weight.view(h, e, self.v_dim)  # (H, e, Dv)
+        key_in_v = (key @ w_q).reshape(b, h * t, self.v_dim)  # (B, H·T, Dv)
+        key_bias = (key @ self.v_proj.bias.view(h, e, 1)).view(b, h, 1, t)  # (B, H, 1, T)
+        logits = (v @ key_in_v.transpose(1, 2)).view(b, s, h, t).transpose(1, 2) + key_bias  # (B, H, S, T)
+
         logits = (logits - logits.max()).clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
         logits_t = logits.transpose(-1, -2)  # (B, H, T, S)
         logits_t = (logits_t - logits_t.max(-1, keepdim=True)[0]).clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
@@ -76,13 +86,23 @@ class BiMultiHeadAttention(nn.Module):
             logits_t = logits_t.masked_fill(attention_mask_v[:, None, None, :], float("-inf"))
         if attention_mask_l is not None:
             logits = logits.masked_fill(attention_mask_l[:, None, None, :], float("-inf"))
-        probs_v = torch.softmax(logits, -1)
-        probs_l = torch.softmax(logits_t, -1)
+        probs_v = torch.softmax(logits, -1)  # (B, H, S, T)
+        probs_l = torch.softmax(logits_t, -1)  # (B, H, T, S)
         if self.dropout and self.training:
             probs_v = nn.functional.dropout(probs_v, self.dropout, True)
             probs_l = nn.functional.dropout(probs_l, self.dropout, True)
-        out_v = self.out_v_proj(self._merge(probs_v @ value_l))
-        out_l = self.out_l_proj(self._merge(probs_l @ value_v))
+
+        # out_v = out_v_proj(merge(probs_v @ value_l)): value_l taken through head h's slice of out_v_proj first.
+        w_out_v = self.out_v_proj.weight.view(self.v_dim, h, e).permute(1, 2, 0)  # (H, e, Dv)
+        value_l_out = (value_l @ w_out_v).reshape(b, h * t, self.v_dim)  # (B, H·T, Dv)
+        out_v = probs_v.transpose(1, 2).reshape(b, s, h * t) @ value_l_out + self.out_v_proj.bias
+
+        # probs_l @ values_v_proj(v) = (probs_l @ v) W_vv[h]ᵀ + (row sums of probs_l) b_vv[h] (1 without dropout).
+        pooled_v = (probs_l.reshape(b, h * t, s) @ v).view(b, h, t, self.v_dim)  # (B, H, T, Dv)
+        w_vv = self.values_v_proj.weight.view(h, e, self.v_dim)  # (H, e, Dv)
+        attended_v = pooled_v @ w_vv.transpose(1, 2) + probs_l.sum(-1, keepdim=True) * \
+            self.values_v_proj.bias.view(h, 1, e)  # (B, H, T, e)
+        out_l = self.out_l_proj(self._merge(attended_v))
         return out_v, out_l
 
 

@@ -378,10 +378,11 @@ class Transformer(nn.Module):
         output_memory, proposals = encoder_output_proposals(memory, mask_flatten, shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         scores = self.enc_out_class_embed(output_memory, text, text_token_mask).max(-1)[0]  # (B, S)
-        coords_unselected = self.enc_out_bbox_embed(output_memory) + proposals  # (B, S, 4) logits
         topk = torch.topk(scores, self.num_queries, dim=1)[1]  # (B, Q)
-        ref_enc_logits = torch.gather(coords_unselected, 1, topk[..., None].expand(-1, -1, 4))
         hs_enc = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, self.d_model))
+        # The box MLP acts per position: run it on the Q selected rows only, not on all S (S ≈ 17k at 800×1333).
+        ref_enc_logits = self.enc_out_bbox_embed(hs_enc) + torch.gather(proposals, 1,
+                                                                        topk[..., None].expand(-1, -1, 4))
         b = memory.shape[0]
         tgt = self.tgt_embed.weight[None].expand(b, -1, -1)
 
