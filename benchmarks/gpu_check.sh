@@ -49,6 +49,11 @@ for bench in ${BENCHES:-dino_loss sinkhorn_knopp softmax_center ibot_patch_loss 
   TAIL=12 step "bench_$bench" "${BENCH_LIMIT:-240}" "$PY" -P "benchmarks/bench_$bench.py" --device cuda \
     --dtype float32 bfloat16 --quick --rounds 3 ${BENCH_FLAGS:-} --jsonl "$OUT/results.jsonl"
 done
+# Grounding DINO end to end at 800x1333 (issue 12's GPU rows): batch 1 and 4, float32 and bfloat16, vs transformers
+# and the reference backend. GD_BENCH=0 skips it.
+[ "${GD_BENCH:-1}" = 0 ] || TAIL=12 step bench_grounding_dino "${GD_BENCH_LIMIT:-240}" "$PY" -P \
+  benchmarks/bench_grounding_dino.py --device cuda --dtype float32 bfloat16 --batch 1 4 --rounds 3 \
+  --jsonl "$OUT/results.jsonl"
 # Per-kernel profile after the change (benchmarks/profile_ops.py); PROFILE=0 skips it.
 [ "${PROFILE:-1}" = 0 ] || step profile "${PROFILE_LIMIT:-150}" "$PY" -P benchmarks/profile_ops.py ${PROFILE_OPS:+--ops $PROFILE_OPS} \
   --jsonl "$OUT/profile.jsonl"
