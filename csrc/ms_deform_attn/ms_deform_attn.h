@@ -3,7 +3,7 @@
 // value (N, S, M, D): level l occupies rows [start_l, start_l + H_l·W_l), row-major h·W_l + w.
 // sampling_locations (N, Lq, M, L, P, 2) normalised (x, y); attention_weights (N, Lq, M, L, P).
 // out[n, q, m, c] = Σ_{l,p} a · bilinear(value[n, level l, m, c], x·W_l − 0.5, y·H_l − 0.5), zero padding; a sample
-// counts only when −1 < h_im < H_l and −1 < w_im < W_l (the official kernel's rule, SPEC §4.2).
+// counts only when −1 < y_px < H_l and −1 < x_px < W_l (the official kernel's rule, SPEC §4.2).
 //
 // spatial_shapes (L, 2) and level_start_index (L,) are int64 in HOST memory for every entry point (the CUDA ones
 // too: they travel to the GPU inside the kernel parameters). Entry points validate everything they receive and

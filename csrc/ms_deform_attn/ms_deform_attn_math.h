@@ -66,7 +66,8 @@ DK_HOST_DEVICE DK_INLINE double dk_floor(double v) { return floor(v); }
 // corners outside the level (zero padding). row[k] is the pixel's row inside the level (h·W + w).
 template <typename A>
 struct Footprint {
-  A lh, lw, hh, hw;  // fractions: lh = h_im − h0, hh = 1 − lh (same for w)
+  A frac_y, frac_x;          // the sample's offset from corner 0 inside the cell: y_px − h0, x_px − w0
+  A rest_y, rest_x;          // 1 − frac_y, 1 − frac_x
   A weight[4];
   int64_t row[4];
 };
@@ -74,17 +75,17 @@ struct Footprint {
 // False when the sample is skipped entirely (outside (−1, H) × (−1, W), or NaN).
 template <typename A>
 DK_HOST_DEVICE DK_INLINE bool footprint(A x, A y, int height, int width, Footprint<A>& f) {
-  const A w_im = x * A(width) - A(0.5), h_im = y * A(height) - A(0.5);
-  if (!(h_im > A(-1) && w_im > A(-1) && h_im < A(height) && w_im < A(width))) return false;
-  const A hf = dk_floor(h_im), wf = dk_floor(w_im);
-  const int h0 = int(hf), w0 = int(wf);
-  f.lh = h_im - hf, f.lw = w_im - wf;
-  f.hh = A(1) - f.lh, f.hw = A(1) - f.lw;
+  const A x_px = x * A(width) - A(0.5), y_px = y * A(height) - A(0.5);
+  if (!(y_px > A(-1) && x_px > A(-1) && y_px < A(height) && x_px < A(width))) return false;
+  const A y0f = dk_floor(y_px), x0f = dk_floor(x_px);
+  const int h0 = int(y0f), w0 = int(x0f);
+  f.frac_y = y_px - y0f, f.frac_x = x_px - x0f;
+  f.rest_y = A(1) - f.frac_y, f.rest_x = A(1) - f.frac_x;
   const bool top = h0 >= 0, bottom = h0 + 1 <= height - 1, left = w0 >= 0, right = w0 + 1 <= width - 1;
-  f.weight[0] = (top && left) ? f.hh * f.hw : A(0);
-  f.weight[1] = (top && right) ? f.hh * f.lw : A(0);
-  f.weight[2] = (bottom && left) ? f.lh * f.hw : A(0);
-  f.weight[3] = (bottom && right) ? f.lh * f.lw : A(0);
+  f.weight[0] = (top && left) ? f.rest_y * f.rest_x : A(0);
+  f.weight[1] = (top && right) ? f.rest_y * f.frac_x : A(0);
+  f.weight[2] = (bottom && left) ? f.frac_y * f.rest_x : A(0);
+  f.weight[3] = (bottom && right) ? f.frac_y * f.frac_x : A(0);
   f.row[0] = (top && left) ? int64_t(h0) * width + w0 : -1;
   f.row[1] = (top && right) ? int64_t(h0) * width + w0 + 1 : -1;
   f.row[2] = (bottom && left) ? int64_t(h0 + 1) * width + w0 : -1;
@@ -93,13 +94,13 @@ DK_HOST_DEVICE DK_INLINE bool footprint(A x, A y, int height, int width, Footpri
 }
 
 // Gradients of one sample from dot[k] = Σ_c g_c·V_k[c] over the present corners (0 for missing ones):
-// grad_a = Σ_k w_k·dot_k; grad_x = W·a·∂v/∂w_im, grad_y = H·a·∂v/∂h_im (SPEC §4.2).
+// grad_a = Σ_k w_k·dot_k; grad_x = W·a·∂v/∂x_px, grad_y = H·a·∂v/∂y_px (SPEC §4.2).
 template <typename A>
 DK_HOST_DEVICE DK_INLINE void sample_gradients(const Footprint<A>& f, const A dot[4], A a, int height, int width,
                                               A& grad_a, A& grad_x, A& grad_y) {
   grad_a = f.weight[0] * dot[0] + f.weight[1] * dot[1] + f.weight[2] * dot[2] + f.weight[3] * dot[3];
-  const A d_h = -f.hw * dot[0] - f.lw * dot[1] + f.hw * dot[2] + f.lw * dot[3];
-  const A d_w = -f.hh * dot[0] + f.hh * dot[1] - f.lh * dot[2] + f.lh * dot[3];
+  const A d_h = -f.rest_x * dot[0] - f.frac_x * dot[1] + f.rest_x * dot[2] + f.frac_x * dot[3];
+  const A d_w = -f.rest_y * dot[0] + f.rest_y * dot[1] - f.frac_y * dot[2] + f.frac_y * dot[3];
   grad_x = A(width) * a * d_w;
   grad_y = A(height) * a * d_h;
 }
