@@ -36,6 +36,18 @@ def _backbone_channels(backbone: nn.Module) -> List[int]:
     raise ValueError("backbone: cannot tell its output channels; give backbone_channels=[C8, C16, C32]")
 
 
+def _cat_batches(parts: List[object]) -> object:
+    """Outputs of consecutive chunks of one batch (tensors with the batch first, in dicts and lists) → one output."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _cat_batches([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat_batches([p[i] for p in parts]) for i in range(len(first)))
+    raise TypeError(f"cannot join chunk outputs of type {type(first).__name__}")
+
+
 def _pad_images(images: Sequence[Tensor]):
     """list of (3, H_i, W_i) → (B, 3, H, W) zero-padded bottom/right, mask (B, H, W) True = padding."""
     for i, img in enumerate(images):
@@ -71,6 +83,14 @@ class GroundingDINO(nn.Module):
         text_mask_layout: "correct" (each image's sub-sentence mask reaches its own heads) or "official" (the
             official h·B + b tiling, which mixes masks between images when B > 1; SPEC §5.4).
         inverse_sigmoid_eps: 1e-3 official; transformers uses 1e-5.
+
+    On the CPU, a batch of large images runs through the image path (backbone, encoder, decoder) a few images at a
+    time: at 800×1333 one image's activations already exceed the caches, and a whole batch of 4 made every
+    memory-bound op (copies, LayerNorm, GELU) about twice as slow per image. `cpu_chunk_positions` (default 8192
+    stride-8 feature positions, i.e. 64 × that many pixels: one 800×1333 image, seven 224×224 ones) bounds a chunk;
+    None turns chunking off. BERT always runs on the whole batch; on other devices nothing is chunked. The only
+    numerical difference: the fusion's logit maximum (SPEC §5.4) is taken per chunk instead of per batch, which
+    matters only where its ±5e4 clamp is reached.
 
     forward(images, captions=None, *, masks=None, input_ids=None, attention_mask=None, token_type_ids=None,
     pixel_values=None, pixel_mask=None) → dict:
@@ -114,6 +134,7 @@ class GroundingDINO(nn.Module):
         self.max_text_len = max_text_len
         self.num_feature_levels = num_feature_levels
         self.inverse_sigmoid_eps = inverse_sigmoid_eps
+        self.cpu_chunk_positions: Optional[int] = 8192
         self.tokenizer = tokenizer
         if special_token_ids is None:
             special_token_ids = (_text().special_token_ids(tokenizer) if tokenizer is not None
@@ -269,9 +290,26 @@ class GroundingDINO(nn.Module):
         return {"text": self.feat_map(hidden), "text_token_mask": attention_mask,
                 "text_self_attention_mask": sub_mask, "position_ids": position_ids, "input_ids": input_ids}
 
+    def _chunk_size(self, batch: int, positions: int, device: torch.device) -> int:
+        """Images per chunk of the image path for `positions` stride-8 feature positions per image (see the class
+        docstring): the whole batch off the CPU or with chunking off."""
+        limit = self.cpu_chunk_positions
+        if device.type != "cpu" or limit is None or batch <= 1:
+            return max(batch, 1)
+        return max(1, min(batch, int(limit) // max(int(positions), 1)))
+
     def image_features(self, images: Tensor, masks: Tensor):
         """images (B, 3, H, W), masks (B, H, W) True = padding → (srcs, masks, pos): lists of num_feature_levels
         (B, C, H_l, W_l), (B, H_l, W_l), (B, C, H_l, W_l)."""
+        b = images.shape[0]
+        step = self._chunk_size(b, images.shape[-2] * images.shape[-1] // 64, images.device)
+        if step < b:
+            parts = [self._image_features(images[i:i + step], masks[i:i + step]) for i in range(0, b, step)]
+            return tuple([torch.cat([p[k][lvl] for p in parts]) for lvl in range(len(parts[0][k]))]
+                         for k in range(3))
+        return self._image_features(images, masks)
+
+    def _image_features(self, images: Tensor, masks: Tensor):
         feats = self.backbone[0](images)
         if not isinstance(feats, (list, tuple)) or len(feats) != 3:
             raise RuntimeError(f"backbone must return a list of 3 feature maps, got {type(feats).__name__}"
@@ -315,6 +353,17 @@ class GroundingDINO(nn.Module):
                          text: Dict[str, Tensor]) -> Dict[str, object]:
         """srcs, masks, pos: `image_features`' lists; text: `encode_text`'s dict (text (B, T, C), text_token_mask,
         text_self_attention_mask, position_ids, input_ids) → forward's output dict."""
+        b = srcs[0].shape[0]
+        step = self._chunk_size(b, srcs[0].shape[-2] * srcs[0].shape[-1], srcs[0].device)
+        if step < b:
+            parts = [self._forward_features([x[i:i + step] for x in srcs], [x[i:i + step] for x in masks],
+                                            [x[i:i + step] for x in pos], {k: v[i:i + step] for k, v in text.items()})
+                     for i in range(0, b, step)]
+            return _cat_batches(parts)
+        return self._forward_features(srcs, masks, pos, text)
+
+    def _forward_features(self, srcs: List[Tensor], masks: List[Tensor], pos: List[Tensor],
+                          text: Dict[str, Tensor]) -> Dict[str, object]:
         out = self.transformer(srcs, masks, pos, text["text"], text["text_token_mask"],
                                text["text_self_attention_mask"], text["position_ids"])
         enhanced, token_mask = out["text"], text["text_token_mask"]

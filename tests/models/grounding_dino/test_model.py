@@ -184,6 +184,69 @@ def test_batch_equals_each_image_alone(tiny):
                                        alone["interm_outputs"]["pred_boxes"][0], rtol=0, atol=1e-4)
 
 
+def _flat(out, prefix=""):
+    """forward's nested output as {path: tensor}."""
+    if isinstance(out, torch.Tensor):
+        return {prefix: out}
+    items = out.items() if isinstance(out, dict) else enumerate(out)
+    flat = {}
+    for k, v in items:
+        flat.update(_flat(v, f"{prefix}/{k}"))
+    return flat
+
+
+@pytest.mark.parametrize("limit", [1, 2 * 8 * 12])  # one image per chunk; two (8 × 12 stride-8 positions each)
+def test_cpu_chunks_equal_the_whole_batch(tiny, limit):
+    """On the CPU a batch of large images runs a few at a time (cpu_chunk_positions): every output, nested ones
+    included, equals the unchunked run, for a padded batch of 3 with captions of different lengths."""
+    import copy
+
+    model = copy.deepcopy(tiny).double()  # float64: only the chunking could make the outputs differ
+    imgs = [torch.randn(3, 64, 96), torch.randn(3, 40, 72), torch.randn(3, 64, 50)]
+    imgs = [x.double() for x in imgs]
+    caps = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[2]]
+    calls = []
+    model.transformer.register_forward_pre_hook(lambda m, args: calls.append(args[0][0].shape[0]))
+    with torch.no_grad():
+        model.cpu_chunk_positions = None
+        whole = _flat(model(imgs, caps))
+        model.cpu_chunk_positions = limit
+        chunked = _flat(model(imgs, caps))
+    assert calls == [3] + ([1, 1, 1] if limit == 1 else [2, 1])  # the chunking really happened
+    assert whole.keys() == chunked.keys() and len(whole) >= 9
+    for key, want in whole.items():
+        got = chunked[key]
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        if got.is_floating_point():
+            finite = torch.isfinite(want)
+            assert torch.equal(finite, torch.isfinite(got)), key
+            torch.testing.assert_close(got[finite], want[finite], rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(got, want), key
+
+
+def test_cpu_chunks_train_like_the_whole_batch(tiny):
+    """Gradients through the chunked image path equal the unchunked ones (training on the CPU chunks too); float64,
+    so that only the chunking could make them differ."""
+    import copy
+
+    model = copy.deepcopy(tiny).double()
+    imgs = _images(2).double()
+    grads = []
+    for limit in (None, 1):
+        model.zero_grad()
+        model.cpu_chunk_positions = limit
+        out = model(imgs, CAPTIONS[:2])
+        (out["pred_boxes"].sum() + out["pred_logits"].masked_fill(~torch.isfinite(out["pred_logits"]), 0).sum()
+         + out["interm_outputs"]["pred_boxes"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_transformers_input_names_and_masks(tiny):
     images = _images(2)
     masks = torch.zeros(2, 64, 96, dtype=torch.bool)
