@@ -224,10 +224,15 @@ def main(argv=None):
           flush=True)
     env = harness.environment(device)
     records = []
-    for params, fns in cases:
-        # The stage split counts the timed rounds only (the warm-up call pays one-time set-up costs).
-        samples = time_interleaved(fns, device, args.rounds, after_warmup=lambda params=params, fns=fns: [
-            timer.totals.pop(f"{impl}|{params['dtype']}|{params['batch']}", None) for impl in fns])
+    # Every case (batch sizes too) in one interleaved loop, so that the batch-4 vs batch-1 comparison is not skewed
+    # by the machine's speed drifting between them. The stage split counts the timed rounds only (the warm-up call
+    # pays one-time set-up costs).
+    everything = {(i, impl): fn for i, (_, fns) in enumerate(cases) for impl, fn in fns.items()}
+    all_samples = time_interleaved(everything, device, args.rounds, after_warmup=lambda: [
+        timer.totals.pop(f"{impl}|{params['dtype']}|{params['batch']}", None)
+        for params, fns in cases for impl in fns])
+    for i, (params, fns) in enumerate(cases):
+        samples = {impl: all_samples[(i, impl)] for impl in fns}
         b = params["batch"]
         for impl, s in samples.items():
             q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
