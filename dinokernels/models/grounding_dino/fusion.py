@@ -95,13 +95,15 @@ class BiMultiHeadAttention(nn.Module):
         # out_v = out_v_proj(merge(probs_v @ value_l)): value_l taken through head h's slice of out_v_proj first.
         w_out_v = self.out_v_proj.weight.view(self.v_dim, h, e).permute(1, 2, 0)  # (H, e, Dv)
         value_l_out = (value_l @ w_out_v).reshape(b, h * t, self.v_dim)  # (B, H·T, Dv)
-        out_v = probs_v.transpose(1, 2).reshape(b, s, h * t) @ value_l_out + self.out_v_proj.bias
+        out_v = probs_v.transpose(1, 2).reshape(b, s, h * t) @ value_l_out
+        out_v = out_v + self.out_v_proj.bias.to(out_v.dtype)  # the matmul's dtype, as nn.Linear under autocast
 
         # probs_l @ values_v_proj(v) = (probs_l @ v) W_vv[h]ᵀ + (row sums of probs_l) b_vv[h] (1 without dropout).
         pooled_v = (probs_l.reshape(b, h * t, s) @ v).view(b, h, t, self.v_dim)  # (B, H, T, Dv)
         w_vv = self.values_v_proj.weight.view(h, e, self.v_dim)  # (H, e, Dv)
-        attended_v = pooled_v @ w_vv.transpose(1, 2) + probs_l.sum(-1, keepdim=True) * \
-            self.values_v_proj.bias.view(h, 1, e)  # (B, H, T, e)
+        attended_v = pooled_v @ w_vv.transpose(1, 2)  # (B, H, T, e)
+        attended_v = attended_v + (probs_l.sum(-1, keepdim=True) * self.values_v_proj.bias.view(h, 1, e)).to(
+            attended_v.dtype)
         out_l = self.out_l_proj(self._merge(attended_v))
         return out_v, out_l
 

@@ -138,3 +138,18 @@ def test_block_residual_around_the_folded_attention():
     out_v, out_l = block(v, l)
     torch.testing.assert_close(out_v, nv + 0.5 * dv, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out_l, nl + 0.5 * dl, rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_keeps_the_linear_layers_dtype():
+    """Under bfloat16 autocast the folded layer returns what nn.Linear would (bfloat16), close to float32."""
+    torch.manual_seed(6)
+    m = BiMultiHeadAttention(32, 24, 64, 4)
+    v, l = torch.randn(2, 40, 32), torch.randn(2, 6, 24)
+    with torch.no_grad():
+        exact = m(v, l)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(v, l)
+            unfolded = unfolded_bi_attention(m, v, l, None, None)
+    for got, ref, want in zip(low, unfolded, exact):
+        assert got.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
