@@ -88,9 +88,9 @@ class GroundingDINO(nn.Module):
     time: at 800×1333 one image's activations already exceed the caches, and a whole batch of 4 made every
     memory-bound op (copies, LayerNorm, GELU) about twice as slow per image. `cpu_chunk_positions` (default 8192
     stride-8 feature positions, i.e. 64 × that many pixels: one 800×1333 image, seven 224×224 ones) bounds a chunk;
-    None turns chunking off. BERT always runs on the whole batch; on other devices nothing is chunked. The only
-    numerical difference: the fusion's logit maximum (SPEC §5.4) is taken per chunk instead of per batch, which
-    matters only where its ±5e4 clamp is reached.
+    None turns chunking off; any other value than None or a positive integer is refused when set. BERT always runs
+    on the whole batch; on other devices nothing is chunked. The only numerical difference: the fusion's logit
+    maximum (SPEC §5.4) is taken per chunk instead of per batch, which matters only where its ±5e4 clamp is reached.
 
     forward(images, captions=None, *, masks=None, input_ids=None, attention_mask=None, token_type_ids=None,
     pixel_values=None, pixel_mask=None) → dict:
@@ -134,7 +134,7 @@ class GroundingDINO(nn.Module):
         self.max_text_len = max_text_len
         self.num_feature_levels = num_feature_levels
         self.inverse_sigmoid_eps = inverse_sigmoid_eps
-        self.cpu_chunk_positions: Optional[int] = 8192
+        self.cpu_chunk_positions = 8192
         self.tokenizer = tokenizer
         if special_token_ids is None:
             special_token_ids = (_text().special_token_ids(tokenizer) if tokenizer is not None
@@ -290,13 +290,24 @@ class GroundingDINO(nn.Module):
         return {"text": self.feat_map(hidden), "text_token_mask": attention_mask,
                 "text_self_attention_mask": sub_mask, "position_ids": position_ids, "input_ids": input_ids}
 
+    @property
+    def cpu_chunk_positions(self) -> Optional[int]:
+        return self._cpu_chunk_positions
+
+    @cpu_chunk_positions.setter
+    def cpu_chunk_positions(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"GroundingDINO.cpu_chunk_positions must be a positive integer or None (no chunking), "
+                             f"got {value!r}")
+        self._cpu_chunk_positions = value
+
     def _chunk_size(self, batch: int, positions: int, device: torch.device) -> int:
         """Images per chunk of the image path for `positions` stride-8 feature positions per image (see the class
         docstring): the whole batch off the CPU or with chunking off."""
         limit = self.cpu_chunk_positions
         if device.type != "cpu" or limit is None or batch <= 1:
             return max(batch, 1)
-        return max(1, min(batch, int(limit) // max(int(positions), 1)))
+        return max(1, min(batch, limit // max(int(positions), 1)))
 
     def image_features(self, images: Tensor, masks: Tensor):
         """images (B, 3, H, W), masks (B, H, W) True = padding → (srcs, masks, pos): lists of num_feature_levels

@@ -226,6 +226,13 @@ def test_cpu_chunks_equal_the_whole_batch(tiny, limit):
             assert torch.equal(got, want), key
 
 
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "8192"])
+def test_cpu_chunk_positions_is_checked_when_set(tiny, bad):
+    with pytest.raises(ValueError, match="cpu_chunk_positions"):
+        tiny.cpu_chunk_positions = bad
+    assert tiny.cpu_chunk_positions == 8192  # unchanged
+
+
 def test_cpu_chunks_train_like_the_whole_batch(tiny):
     """Gradients through the chunked image path equal the unchunked ones (training on the CPU chunks too); float64,
     so that only the chunking could make them differ."""
