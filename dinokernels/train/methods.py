@@ -50,6 +50,11 @@ class DINOMethod:
             raise ValueError(f"--fsdp: {config.arch} has batch-norm layers, which are synchronised under DDP only; "
                              f"train it without --fsdp")
         if is_distributed() and _has_batchnorms(student):
+            # torch's SyncBatchNorm refuses CPU tensors, and only at the first forward: say so before training.
+            if device.type not in ("cuda", "xpu"):
+                raise ValueError(f"{config.arch} with batch-norm layers (use_bn_in_head, or a batch-norm backbone) "
+                                 f"needs SyncBatchNorm under multi-process training, which torch runs on GPUs only "
+                                 f"(device {device.type}); train in one process or without batch norm")
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         student, teacher = student.to(device), teacher.to(device)

@@ -58,3 +58,34 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
             torch.testing.assert_close(ddp[key][name], value, rtol=1e-4, atol=2e-6, msg=lambda m: f"{key}.{name}: {m}")
     torch.testing.assert_close(ddp["dino_loss"]["center"], one["dino_loss"]["center"], rtol=1e-4, atol=1e-6)
     assert not torch.equal(one["student"]["backbone.pos_embed"], one["teacher"]["backbone.pos_embed"])  # trained
+
+
+BN_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import dinokernels
+    from dinokernels.train.config import make_config
+    from dinokernels.train.trainer import train_dino
+    from dinokernels.train.distributed import cleanup_distributed
+
+    torch.set_num_threads(1)
+    try:
+        train_dino(make_config(**json.loads(sys.argv[1])))
+    except ValueError as error:
+        print("refused:", error)
+    else:
+        raise SystemExit("a batch-norm head trained under CPU DDP")
+    cleanup_distributed()
+""")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_batch_norm_head_under_cpu_ddp_is_refused_before_training(tmp_path):
+    # torch's SyncBatchNorm only runs on GPUs; without the check each rank failed inside its first forward.
+    logs = launch_ranks(str(tmp_path), BN_WORKER,
+                        json.dumps(dict(SETTINGS, out=str(tmp_path / "bn"), batch_size_per_gpu=4, use_bn_in_head=True)),
+                        WORLD, timeout=240)
+    for log in logs:
+        assert "refused:" in log and "SyncBatchNorm" in log and "one process" in log, log
+    assert not (tmp_path / "bn" / "checkpoint.pth").exists()
