@@ -392,15 +392,17 @@ def _flags(name: str, extra_aliases=()) -> list:
 
 def _add_pretrain(commands) -> None:
     p = commands.add_parser(
-        "pretrain", help="DINO self-supervised pretraining (default: the built-in digits on the CPU, ~3 minutes)",
+        "pretrain", help="DINO self-supervised pretraining (default: the built-in coloured digits on the CPU, "
+                         "~3 minutes)",
         description="DINO v1 pretraining (facebookresearch/dino main_dino.py) with the dinokernels loss kernels. "
-                    "With no arguments: the built-in scikit-learn digits, a small ViT, the CPU, about three minutes "
-                    "on two cores, then a k-NN table (learned features vs random initialisation vs raw pixels) and "
+                    "With no arguments: scikit-learn's digits in random colours and zooms (preset coloured-digits), a "
+                    "small ViT, the CPU, about three minutes on two cores, then a k-NN table (learned features vs "
+                    "random initialisation vs raw pixels) and "
                     "<out>/summary.json. With --data DIR: your images, the official recipe's defaults. "
                     "--method dinov2: DINOv2 (DINO + iBOT + KoLeo) with its defaults, built-in job dinov2-digits. "
                     "Multi-process: torchrun --nproc_per_node=N -m dinokernels pretrain ...")
     p.add_argument("--data", metavar="DIR", help="folder of images (recursive; jpg/png/webp); default: the built-in "
-                                                 "digits")
+                                                 "coloured digits")
     from .train.config import DEFAULT_PRESET, PRESETS
 
     p.add_argument("--preset", choices=list(PRESETS), help=f"named built-in job: data set and recipe (default without "
@@ -426,8 +428,8 @@ def _add_pretrain(commands) -> None:
     p.add_argument("--fsdp-mixed-precision", choices=["auto", "none", "bf16", "fp16"],
                    help="with --fsdp: compute dtype of the gathered weights (default auto: bf16 on CUDA, none on "
                         "the CPU); weights, optimiser state and gradient reduction stay float32")
-    recipe = p.add_argument_group("recipe (main_dino.py's arguments; unset = official default, or the digits "
-                                  "preset without --data)")
+    recipe = p.add_argument_group("recipe (main_dino.py's arguments; unset = official default, or the built-in "
+                                  "preset's without --data)")
     for name, typ, extra, help_text in _RECIPE:
         extra = dict(extra)
         aliases = extra.pop("aliases", [])

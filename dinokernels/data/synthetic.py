@@ -1,5 +1,8 @@
-"""Cluttered digits: a generated data set, built from scikit-learn's digits, on which raw pixels fail and the
-invariances DINO learns from multi-crop matter.
+"""Data sets generated from scikit-learn's digits, on which raw pixels fail: cluttered digits (below) and coloured
+digits (`coloured_digits_arrays`: each digit in random colours and zoomed, what `dinokernels pretrain` trains on by
+default).
+
+Cluttered digits: the invariances DINO would have to learn from multi-crop.
 
 Each sample is a ``size × size`` RGB canvas with **one** scikit-learn digit (the label) drawn at a random position,
 scale and colour over clutter: a random background colour with a smooth gradient, random line strokes and a few
@@ -13,6 +16,7 @@ training. Generation is deterministic: sample ``i`` of a split uses its own ``nu
 """
 from __future__ import annotations
 
+import colorsys
 import functools
 from typing import Callable, List, Optional, Tuple
 
@@ -20,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ClutteredDigitsDataset", "cluttered_digits_arrays", "CLUTTERED_MEAN", "CLUTTERED_STD", "BUILTIN_DATASETS",
+__all__ = ["ClutteredDigitsDataset", "cluttered_digits_arrays", "CLUTTERED_MEAN", "CLUTTERED_STD",
+           "ColouredDigitsDataset", "coloured_digits_arrays", "COLOURED_MEAN", "COLOURED_STD", "BUILTIN_DATASETS",
            "builtin_dataset", "builtin_stats"]
 
 # Per-channel mean / std, in [0, 1], of the default train split (size 24, seed 0, 2 canvases per digit).
@@ -137,6 +142,18 @@ def _canvas(rng: np.random.RandomState, size: int, glyph: np.ndarray, others: np
     return np.clip(canvas, 0.0, 1.0)
 
 
+def _check_split_arguments(split: str, size: int, per_digit: int, test_fraction: float) -> None:
+    """The arguments every generated digit set takes, checked with one message each."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if int(size) != size or size < 8:
+        raise ValueError(f"size must be an integer ≥ 8, got {size!r}")
+    if int(per_digit) != per_digit or per_digit < 1:
+        raise ValueError(f"per_digit must be a positive integer, got {per_digit!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_arrays(split: str, size: int, per_digit: int, seed: int, test_fraction: float,
                    scale: Tuple[float, float], n_strokes: Tuple[int, int], n_fragments: Tuple[int, int],
@@ -166,14 +183,7 @@ def cluttered_digits_arrays(split: str = "train", size: int = 24, per_digit: int
     indices of the labelled digits in scikit-learn's 1797 images. ``scale``: the digit's height as a fraction of
     the canvas side; ``n_strokes`` / ``n_fragments``: inclusive ranges of clutter items; ``noise``: the standard
     deviation of the Gaussian pixel noise. Results are cached (read-only arrays)."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if int(size) != size or size < 8:
-        raise ValueError(f"size must be an integer ≥ 8, got {size!r}")
-    if int(per_digit) != per_digit or per_digit < 1:
-        raise ValueError(f"per_digit must be a positive integer, got {per_digit!r}")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    _check_split_arguments(split, size, per_digit, test_fraction)
     scale = tuple(float(v) for v in scale)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"scale must be two numbers 0 < lo ≤ hi ≤ 1, got {scale!r}")
@@ -189,23 +199,17 @@ def cluttered_digits_arrays(split: str = "train", size: int = 24, per_digit: int
                           ranges["n_strokes"], ranges["n_fragments"], float(noise))
 
 
-class ClutteredDigitsDataset(torch.utils.data.Dataset):
-    """The cluttered digits (see the module docstring) as RGB PIL images of ``size × size``.
+class _GeneratedDigits(torch.utils.data.Dataset):
+    """What the generated digit sets share: images (N, S, S, 3) uint8 served as RGB PIL images, with their labels
+    and the scikit-learn index of each image's digit."""
 
-    ``split``: ``"train"`` or ``"test"`` (disjoint source digits, DigitsDataset's stratified split for ``seed``).
-    ``__getitem__`` returns ``(transform(img) or img, label)`` with labels 0..9; ``targets`` lists the labels,
-    ``sources`` the scikit-learn index of each canvas's labelled digit. Normalisation statistics for the default
-    settings are ``CLUTTERED_MEAN`` / ``CLUTTERED_STD``.
-    """
-
-    def __init__(self, transform: Optional[Callable] = None, size: int = 24, split: str = "train",
-                 per_digit: int = 2, seed: int = 0, test_fraction: float = 0.2):
+    def _set_arrays(self, transform, size, split, per_digit, seed, arrays) -> None:
         self.transform = transform
         self.size = int(size)
         self.split = split
         self.per_digit = int(per_digit)
         self.seed = int(seed)
-        self.images, labels, sources = cluttered_digits_arrays(split, size, per_digit, seed, test_fraction)
+        self.images, labels, sources = arrays
         self.targets: List[int] = labels.tolist()
         self.sources: List[int] = sources.tolist()
         self.classes = [str(d) for d in range(10)]
@@ -225,23 +229,124 @@ class ClutteredDigitsDataset(torch.utils.data.Dataset):
                 f"per_digit={self.per_digit})")
 
 
+class ClutteredDigitsDataset(_GeneratedDigits):
+    """The cluttered digits (see the module docstring) as RGB PIL images of ``size × size``.
+
+    ``split``: ``"train"`` or ``"test"`` (disjoint source digits, DigitsDataset's stratified split for ``seed``).
+    ``__getitem__`` returns ``(transform(img) or img, label)`` with labels 0..9; ``targets`` lists the labels,
+    ``sources`` the scikit-learn index of each canvas's labelled digit. Normalisation statistics for the default
+    settings are ``CLUTTERED_MEAN`` / ``CLUTTERED_STD``.
+    """
+
+    def __init__(self, transform: Optional[Callable] = None, size: int = 24, split: str = "train",
+                 per_digit: int = 2, seed: int = 0, test_fraction: float = 0.2):
+        self._set_arrays(transform, size, split, per_digit, seed,
+                         cluttered_digits_arrays(split, size, per_digit, seed, test_fraction))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coloured digits: the default job's data (issue 11)
+# ----------------------------------------------------------------------------------------------------------
+
+# Per-channel mean / std, in [0, 1], of the default train split (size 16, seed 0, 1 image per digit, zoom 0.5).
+# tests/data/test_synthetic.py recomputes them.
+COLOURED_MEAN = (0.29139986, 0.29606623, 0.28885249)
+COLOURED_STD = (0.27416573, 0.27181939, 0.27493229)
+
+
+def _hsv(hue: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue, 1.0, value), dtype=np.float32)
+
+
+def _coloured_digit(rng: np.random.RandomState, size: int, glyph: np.ndarray, zoom: float,
+                    background_value: float) -> np.ndarray:
+    """One image (size, size, 3) uint8: the glyph in a saturated colour of random hue over a dark saturated
+    background of another random hue, then a random square crop of `zoom`–100 % of the area resized back to
+    `size` (bicubic), so the digit is also shifted and enlarged, partly cut off at strong zooms."""
+    coverage = _resize_glyph(glyph, size, size)[..., None]
+    foreground, background = _hsv(rng.uniform(), 1.0), _hsv(rng.uniform(), background_value)
+    image = np.rint((coverage * foreground + (1.0 - coverage) * background) * 255.0).astype(np.uint8)
+    if zoom < 1.0:
+        side = int(round(size * float(np.sqrt(rng.uniform(zoom, 1.0)))))
+        top, left = rng.randint(size - side + 1), rng.randint(size - side + 1)
+        crop = Image.fromarray(image, mode="RGB").crop((left, top, left + side, top + side))
+        image = np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return image
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_coloured(split: str, size: int, per_digit: int, seed: int, test_fraction: float, zoom: float,
+                     background_value: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from .datasets import _stratified_split
+
+    glyphs, labels = _glyphs()
+    train_idx, test_idx = _stratified_split(labels, test_fraction, seed)
+    source_of = np.repeat(train_idx if split == "train" else test_idx, per_digit)
+    images = np.empty((len(source_of), size, size, 3), dtype=np.uint8)
+    for i, src in enumerate(source_of):
+        # a stream of its own per image (not the cluttered set's: the split code is offset by 10)
+        rng = np.random.RandomState(np.random.SeedSequence([seed, 10 + _SPLITS[split], i]).generate_state(1)[0])
+        images[i] = _coloured_digit(rng, size, glyphs[src], zoom, background_value)
+    images.setflags(write=False)
+    return images, labels[source_of], source_of
+
+
+def coloured_digits_arrays(split: str = "train", size: int = 16, per_digit: int = 1, seed: int = 0,
+                           test_fraction: float = 0.2, zoom: float = 0.5, background_value: float = 0.35
+                           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The coloured digits of one split: ``(images (N, size, size, 3) uint8, labels (N,) int64, sources (N,)
+    int64)``, ``N = per_digit × (source digits in the split)``. Each image is a scikit-learn digit in a bright
+    colour of random hue on a background of another random hue and brightness ``background_value``, zoomed by a
+    random square crop of ``zoom``–100 % of the area. Deterministic for (split, size, per_digit, seed, zoom, ...);
+    results are cached (read-only arrays)."""
+    _check_split_arguments(split, size, per_digit, test_fraction)
+    if not 0.0 < float(zoom) <= 1.0:
+        raise ValueError(f"zoom must be in (0, 1] (the smallest crop area kept), got {zoom!r}")
+    if not 0.0 <= float(background_value) < 1.0:
+        raise ValueError(f"background_value must be in [0, 1), got {background_value!r}")
+    return _cached_coloured(split, int(size), int(per_digit), int(seed), float(test_fraction), float(zoom),
+                            float(background_value))
+
+
+class ColouredDigitsDataset(_GeneratedDigits):
+    """The coloured digits (see `coloured_digits_arrays`) as RGB PIL images of ``size × size``: what
+    `dinokernels pretrain` trains on by default. Raw pixels and a random network are misled by the colours and the
+    zoom; DINO, with views whose hue is turned at random, learns to ignore them.
+
+    ``split``: ``"train"`` or ``"test"`` (disjoint source digits, DigitsDataset's stratified split for ``seed``).
+    ``__getitem__`` returns ``(transform(img) or img, label)``; ``targets`` lists the labels, ``sources`` the
+    scikit-learn index of each image's digit. Normalisation statistics: ``COLOURED_MEAN`` / ``COLOURED_STD``.
+    """
+
+    def __init__(self, transform: Optional[Callable] = None, size: int = 16, split: str = "train",
+                 per_digit: int = 1, seed: int = 0, test_fraction: float = 0.2, zoom: float = 0.5):
+        self.zoom = float(zoom)
+        self._set_arrays(transform, size, split, per_digit, seed,
+                         coloured_digits_arrays(split, size, per_digit, seed, test_fraction, zoom))
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", zoom={self.zoom})"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The built-in data sets by name (what `dinokernels pretrain` trains on without --data)
 # ----------------------------------------------------------------------------------------------------------
 
-BUILTIN_DATASETS = ("digits", "cluttered-digits")
+BUILTIN_DATASETS = ("digits", "cluttered-digits", "coloured-digits")
 
 
 def builtin_dataset(name: str, split: str, size: int, transform: Optional[Callable] = None,
                     seed: int = 0) -> torch.utils.data.Dataset:
-    """The built-in labelled data set `name` ("digits" or "cluttered-digits"), split "train" or "test", images of
-    `size` pixels."""
+    """The built-in labelled data set `name` ("digits", "cluttered-digits" or "coloured-digits"), split "train"
+    or "test", images of `size` pixels."""
     from .datasets import DigitsDataset
 
     if name == "digits":
         return DigitsDataset(transform=transform, size=size, split=split, seed=seed)
     if name == "cluttered-digits":
         return ClutteredDigitsDataset(transform=transform, size=size, split=split, seed=seed)
+    if name == "coloured-digits":
+        return ColouredDigitsDataset(transform=transform, size=size, split=split, seed=seed)
     raise ValueError(f"built-in data set must be one of {', '.join(BUILTIN_DATASETS)}, got {name!r}")
 
 
@@ -253,4 +358,6 @@ def builtin_stats(name: str) -> Tuple[Tuple[float, float, float], Tuple[float, f
         return DIGITS_MEAN, DIGITS_STD
     if name == "cluttered-digits":
         return CLUTTERED_MEAN, CLUTTERED_STD
+    if name == "coloured-digits":
+        return COLOURED_MEAN, COLOURED_STD
     raise ValueError(f"built-in data set must be one of {', '.join(BUILTIN_DATASETS)}, got {name!r}")

@@ -194,9 +194,10 @@ class DataAugmentationDINO:
     ``(3, global_size, global_size)``, then the local crops ``(3, local_size, local_size)``.
 
     Per crop: RandomResizedCrop (bicubic, ratio (3/4, 4/3)) → horizontal flip (``flip_p``) → ColorJitter
-    (0.4, 0.4, 0.2, 0.1) with probability ``color_jitter_p`` → grayscale (``grayscale_p``) → Gaussian blur
-    (``blur_p[kind]``, radius ~ U(``blur_radius``)) → solarisation (``solarize_p[kind]``, threshold 128) →
-    ToTensor → Normalize, where ``kind`` is 0 for global crop 1, 1 for global crop 2 and 2 for the local crops.
+    (strengths ``jitter``, official (0.4, 0.4, 0.2, 0.1)) with probability ``color_jitter_p`` → grayscale
+    (``grayscale_p``) → Gaussian blur (``blur_p[kind]``, radius ~ U(``blur_radius``)) → solarisation
+    (``solarize_p[kind]``, threshold 128) → ToTensor → Normalize, where ``kind`` is 0 for global crop 1, 1 for
+    global crop 2 and 2 for the local crops.
 
     The probabilities are plain attributes, read at every call, so they can be inspected or changed.
     ``decision_hook``, when set, is called as ``hook(crop_index, name, p, applied)`` for every random

@@ -2,6 +2,7 @@
 (data source, output folder, resume, device, precision, crop sizes, head sizes), and the DIGITS preset that the
 no-argument `dinokernels pretrain` runs."""
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
@@ -10,7 +11,8 @@ __all__ = ["PretrainConfig", "DIGITS_PRESET", "CLUTTERED_DIGITS_PRESET", "DINOV2
            "PRESETS", "DEFAULT_PRESET", "DEFAULT_DINOV2_PRESET", "make_config", "PRECISIONS", "BUILTIN_DATA"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BUILTIN_DATA = ("digits", "cluttered-digits")  # dinokernels.data.BUILTIN_DATASETS (not imported: torch-free here)
+# dinokernels.data.BUILTIN_DATASETS (not imported: torch-free here)
+BUILTIN_DATA = ("digits", "cluttered-digits", "coloured-digits")
 
 # Issue 16 §5: float settings that must be finite, and ranges / combinations that cannot train.
 _FINITE_FIELDS = ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "momentum_teacher",
@@ -60,14 +62,16 @@ def _fsdp_problems(config) -> list:
         problems.append("optimizer lars cannot be combined with fsdp (its per-tensor trust ratio needs whole "
                         "tensors); use adamw or sgd")
     if config.use_bn_in_head:
-        problems.append("use_bn_in_head cannot be combined with fsdp (batch norm is synchronised under DDP only)")
+        problems.append("use_bn_in_head cannot be combined with fsdp (batch norm is synchronised under DDP only; "
+                        "the coloured-digits job, the default, uses it: train it without --fsdp, or use --preset "
+                        "digits)")
     return problems
 
 
 @dataclass
 class PretrainConfig:
     """One DINO pretraining run. The defaults are the official ones (real data, 8 GPUs × 64 images); the built-in
-    digits job uses `make_config()`, which applies DIGITS_PRESET when `data` is None."""
+    job uses `make_config()`, which applies the DEFAULT_PRESET (coloured-digits) when `data` is None."""
 
     # ---- model (main_dino.py) ----
     arch: str = "vit_small"  # vit_nano | vit_tiny | vit_small | vit_base | timm:<name>
@@ -102,6 +106,9 @@ class PretrainConfig:
     # Per-crop probabilities of the photometric augmentations (official values; tuples: global 1, global 2, local).
     flip_p: float = 0.5
     color_jitter_p: float = 0.8
+    # ColorJitter strengths (brightness, contrast, saturation, hue): the official code's fixed values. Hue 0.5 turns
+    # the hue by any angle, so views of one image no longer share their colours.
+    color_jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     grayscale_p: float = 0.2
     blur_p: Tuple[float, float, float] = (1.0, 0.1, 0.5)
     solarize_p: Tuple[float, float, float] = (0.0, 0.2, 0.0)
@@ -170,6 +177,7 @@ class PretrainConfig:
         self.local_crops_scale = tuple(float(v) for v in self.local_crops_scale)
         self.blur_radius = tuple(float(v) for v in self.blur_radius)
         self.blur_p = tuple(float(v) for v in self.blur_p)
+        self.color_jitter = tuple(float(v) for v in self.color_jitter)
         self.solarize_p = tuple(float(v) for v in self.solarize_p)
         problems = []
         if self.precision not in PRECISIONS:
@@ -185,6 +193,10 @@ class PretrainConfig:
         for name in ("flip_p", "color_jitter_p", "grayscale_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        jitter = self.color_jitter
+        if len(jitter) != 4 or not all(math.isfinite(v) and v >= 0 for v in jitter) or jitter[3] > 0.5:
+            problems.append(f"color_jitter must be four numbers (brightness, contrast, saturation, hue), finite and "
+                            f"≥ 0, hue ≤ 0.5, got {jitter!r}")
         for name in ("blur_p", "solarize_p"):
             if len(getattr(self, name)) != 3 or not all(0.0 <= v <= 1.0 for v in getattr(self, name)):
                 problems.append(f"{name} must be three probabilities (global 1, global 2, local), got "
@@ -363,6 +375,25 @@ CLUTTERED_DIGITS_PRESET: Dict[str, Any] = dict(
     epochs=25,
 )
 
+# Coloured digits (dinokernels.data.synthetic): each digit in a bright colour of random hue on a dark background of
+# another random hue, zoomed by a random crop of 50–100 % of its area. Colour and zoom mislead raw pixels and a
+# random-initialised ViT. Found by measurement (issue 11, docs/dino.md):
+# * hue jitter 0.5 on every crop (color_jitter_p 1, the hue turned by any angle) and grey-scale on 70 % of the crops,
+#   so that the views of one image no longer share their colours and the colours are not what DINO learns;
+# * batch norm in the head: without it the teacher's targets start, and stay, nearly uniform;
+# * lr 0.004 (1e-3 at batch 64): the digits job's 5e-4 learns too slowly here.
+COLOURED_DIGITS_PRESET: Dict[str, Any] = dict(
+    DIGITS_PRESET,
+    builtin_data="coloured-digits",
+    digits_size=16,
+    use_bn_in_head=True,
+    color_jitter_p=1.0,
+    color_jitter=(0.4, 0.4, 0.2, 0.5),
+    grayscale_p=0.7,
+    lr=0.004,
+    epochs=70,
+)
+
 # DINOv2's recipe (dinov2/configs/ssl_default_config.yaml, SPEC §3.8): what method "dinov2" starts from instead of
 # DINO v1's defaults, before any preset and the explicit settings.
 DINOV2_DEFAULTS: Dict[str, Any] = dict(
@@ -439,9 +470,10 @@ DINOV2_DIGITS_PRESET: Dict[str, Any] = dict(
 )
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {"cluttered-digits": CLUTTERED_DIGITS_PRESET, "digits": DIGITS_PRESET,
+PRESETS: Dict[str, Dict[str, Any]] = {"cluttered-digits": CLUTTERED_DIGITS_PRESET,
+                                      "coloured-digits": COLOURED_DIGITS_PRESET, "digits": DIGITS_PRESET,
                                       "dinov2-digits": DINOV2_DIGITS_PRESET}
-DEFAULT_PRESET = "digits"  # cluttered-digits once a recipe makes DINO beat raw pixels on it (issue 11)
+DEFAULT_PRESET = "coloured-digits"  # where DINO visibly beats raw pixels and random initialisation (issue 11)
 DEFAULT_DINOV2_PRESET = "dinov2-digits"  # method dinov2 without data or preset
 
 

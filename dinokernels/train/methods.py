@@ -54,7 +54,8 @@ class DINOMethod:
             if device.type not in ("cuda", "xpu"):
                 raise ValueError(f"{config.arch} with batch-norm layers (use_bn_in_head, or a batch-norm backbone) "
                                  f"needs SyncBatchNorm under multi-process training, which torch runs on GPUs only "
-                                 f"(device {device.type}); train in one process or without batch norm")
+                                 f"(device {device.type}); train in one process, or without batch norm "
+                                 f"(for the built-in job: --preset digits)")
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         student, teacher = student.to(device), teacher.to(device)

@@ -176,6 +176,7 @@ def _augmentation(config: PretrainConfig, high_resolution: bool):
                                      global_size, local_size, mean, std, blur_radius=config.blur_radius)
     transform.flip_p, transform.color_jitter_p, transform.grayscale_p = (config.flip_p, config.color_jitter_p,
                                                                          config.grayscale_p)
+    transform.jitter = tuple(config.color_jitter)
     blur = tuple(config.blur_p)
     if config.method == "dinov2" and config.blur_semantics == "released":
         blur = (1.0 - blur[0], 1.0 - blur[1], blur[2])

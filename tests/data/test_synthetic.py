@@ -119,7 +119,7 @@ def test_bad_arguments_are_named(kwargs, word):
 
 
 def test_builtin_datasets_by_name():
-    assert BUILTIN_DATASETS == ("digits", "cluttered-digits")
+    assert BUILTIN_DATASETS == ("digits", "cluttered-digits", "coloured-digits")
     assert isinstance(builtin_dataset("digits", "test", 16), DigitsDataset)
     ds = builtin_dataset("cluttered-digits", "test", 16)
     assert isinstance(ds, ClutteredDigitsDataset) and ds.size == 16

@@ -65,7 +65,7 @@ def test_dinov2_defaults_and_builtin_preset():
     assert builtin.global_size // builtin.patch_size >= 4  # a patch grid iBOT can mask
     assert make_config(preset="dinov2-digits").method == "dinov2"
     v1 = make_config()  # DINO v1 is untouched
-    assert (v1.method, v1.preset, v1.lr, v1.momentum_teacher) == ("dino", "digits", 0.0005, 0.98)
+    assert (v1.method, v1.preset, v1.lr, v1.momentum_teacher) == ("dino", "coloured-digits", 0.004, 0.98)
     with pytest.raises(ValueError, match="distill_teacher needs method dinov2"):
         make_config(distill_teacher="x.pth", distill_teacher_arch="vit_nano")
 
