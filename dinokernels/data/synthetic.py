@@ -249,7 +249,7 @@ class ClutteredDigitsDataset(_GeneratedDigits):
 # ----------------------------------------------------------------------------------------------------------
 
 # Per-channel mean / std, in [0, 1], of the default train split (size 16, seed 0, 1 image per digit, zoom 0.5).
-# tests/data/test_synthetic.py recomputes them.
+# tests/data/test_coloured_digits.py recomputes them.
 COLOURED_MEAN = (0.29139986, 0.29606623, 0.28885249)
 COLOURED_STD = (0.27416573, 0.27181939, 0.27493229)
 

@@ -1,14 +1,15 @@
 """PretrainConfig: facebookresearch/dino main_dino.py's arguments with their defaults, plus what this package adds
-(data source, output folder, resume, device, precision, crop sizes, head sizes), and the DIGITS preset that the
-no-argument `dinokernels pretrain` runs."""
+(data source, output folder, resume, device, precision, crop sizes, head sizes), and the built-in presets (the
+no-argument `dinokernels pretrain` runs DEFAULT_PRESET, coloured-digits)."""
 import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["PretrainConfig", "DIGITS_PRESET", "CLUTTERED_DIGITS_PRESET", "DINOV2_DIGITS_PRESET", "DINOV2_DEFAULTS",
-           "PRESETS", "DEFAULT_PRESET", "DEFAULT_DINOV2_PRESET", "make_config", "PRECISIONS", "BUILTIN_DATA"]
+__all__ = ["PretrainConfig", "DIGITS_PRESET", "CLUTTERED_DIGITS_PRESET", "COLOURED_DIGITS_PRESET",
+           "DINOV2_DIGITS_PRESET", "DINOV2_DEFAULTS", "PRESETS", "DEFAULT_PRESET", "DEFAULT_DINOV2_PRESET",
+           "make_config", "PRECISIONS", "BUILTIN_DATA"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # dinokernels.data.BUILTIN_DATASETS (not imported: torch-free here)
