@@ -224,9 +224,12 @@ class _GeneratedDigits(torch.utils.data.Dataset):
         img = self.image(index)
         return (self.transform(img) if self.transform is not None else img), self.targets[index]
 
+    def _repr_extra(self) -> str:
+        return ""
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, {len(self)} images, size={self.size}, "
-                f"per_digit={self.per_digit})")
+                f"per_digit={self.per_digit}{self._repr_extra()})")
 
 
 class ClutteredDigitsDataset(_GeneratedDigits):
@@ -324,8 +327,8 @@ class ColouredDigitsDataset(_GeneratedDigits):
         self._set_arrays(transform, size, split, per_digit, seed,
                          coloured_digits_arrays(split, size, per_digit, seed, test_fraction, zoom))
 
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", zoom={self.zoom})"
+    def _repr_extra(self) -> str:
+        return f", zoom={self.zoom}"
 
 
 # ----------------------------------------------------------------------------------------------------------

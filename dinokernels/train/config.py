@@ -178,7 +178,11 @@ class PretrainConfig:
         self.local_crops_scale = tuple(float(v) for v in self.local_crops_scale)
         self.blur_radius = tuple(float(v) for v in self.blur_radius)
         self.blur_p = tuple(float(v) for v in self.blur_p)
-        self.color_jitter = tuple(float(v) for v in self.color_jitter)
+        try:
+            self.color_jitter = tuple(float(v) for v in self.color_jitter)
+        except (TypeError, ValueError):
+            raise ValueError(f"color_jitter must be four numbers (brightness, contrast, saturation, hue), got "
+                             f"{self.color_jitter!r}") from None
         self.solarize_p = tuple(float(v) for v in self.solarize_p)
         problems = []
         if self.precision not in PRECISIONS:

@@ -12,8 +12,8 @@ from dinokernels.train.config import make_config
 from dinokernels.train.trainer import train_dino
 
 WORLD = 2
-SETTINGS = dict(preset="digits", subset=32, epochs=1, warmup_epochs=0, global_size=16, local_size=8, digits_size=16,
-                local_crops_number=2, out_dim=64, hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0,
+SETTINGS = dict(preset="digits", subset=32, epochs=1, warmup_epochs=0, global_size=16, local_size=8,
+                digits_size=16, local_crops_number=2, out_dim=64, hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0,
                 evaluate=False, progress=False, num_workers=0, seed=5, freeze_last_layer=0,
                 optimizer="sgd", lr=4.0)  # SGD: unlike Adam, its step depends on the gradient scale (averaging)
 

@@ -133,12 +133,13 @@ def test_coloured_digits_preset_turns_the_hue_of_every_crop():
     official = _augmentation(make_config(preset="digits"), False)
     official.color_jitter_p, official.grayscale_p = 1.0, 0.0
     assert official.jitter == (0.4, 0.4, 0.2, 0.1)
-    near_red = np.minimum(hues(official), 1 - hues(official))
+    official_hues = hues(official)
+    near_red = np.minimum(official_hues, 1 - official_hues)
     assert near_red.max() <= 0.13  # the official jitter turns the hue by at most 0.1 of the circle (+ rounding)
 
 
 @pytest.mark.parametrize("jitter", [(0.4, 0.4, 0.2, 0.6), (0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2),
-                                    (0.4, float("nan"), 0.2, 0.1)])
+                                    (0.4, float("nan"), 0.2, 0.1), 0.5, ("a", 0.4, 0.2, 0.1)])
 def test_bad_color_jitter_is_named(jitter):
     with pytest.raises(ValueError, match="color_jitter must be four numbers"):
         PretrainConfig(color_jitter=jitter)

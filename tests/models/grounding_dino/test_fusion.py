@@ -126,7 +126,8 @@ def test_dropout_keeps_the_bias_term_of_the_dropped_weights(monkeypatch):
     attended = (a_t.softmax(-1) * keep_l) @ value_v
     want_l = attended.transpose(1, 2).reshape(2, 4, h * e) @ m.out_l_proj.weight.T + m.out_l_proj.bias
     torch.testing.assert_close(out_l, want_l, rtol=1e-10, atol=1e-10)
-    assert not torch.allclose((a_t.softmax(-1) * keep_l).sum(-1), torch.ones((), dtype=torch.float64), atol=1e-3)  # rows ≠ 1
+    row_sums = (a_t.softmax(-1) * keep_l).sum(-1)
+    assert not torch.allclose(row_sums, torch.ones((), dtype=torch.float64), atol=1e-3)  # rows ≠ 1
 
 
 def test_block_residual_around_the_folded_attention():
