@@ -315,9 +315,8 @@ class GroundingDINO(nn.Module):
         b = images.shape[0]
         step = self._chunk_size(b, images.shape[-2] * images.shape[-1] // 64, images.device)
         if step < b:
-            parts = [self._image_features(images[i:i + step], masks[i:i + step]) for i in range(0, b, step)]
-            return tuple([torch.cat([p[k][lvl] for p in parts]) for lvl in range(len(parts[0][k]))]
-                         for k in range(3))
+            return _cat_batches([self._image_features(images[i:i + step], masks[i:i + step])
+                                 for i in range(0, b, step)])
         return self._image_features(images, masks)
 
     def _image_features(self, images: Tensor, masks: Tensor):
